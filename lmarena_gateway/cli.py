@@ -1,0 +1,165 @@
+"""``lmgateway``: maintenance commands that work on the store, beside a running daemon."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from attrs import evolve
+
+from .config import ConfigError, build_config
+from .errors import ApiError
+from .sessions import SessionRecord, parse_time, validate_registration
+from .store import SessionFile, export_of, stats_of
+
+DAY = 86400.0
+
+
+def _open(path: str, *, create: bool = False) -> SessionFile:
+    if not create and not os.path.exists(path):
+        raise SystemExit(f"lmgateway: no session store at {path!r} (set --storage or STORAGE_PATH)")
+    try:
+        return SessionFile(path, "c" if create else "w")
+    except OSError as e:
+        raise SystemExit(f"lmgateway: cannot open the session store: {e}") from None
+
+
+def cmd_stats(store: SessionFile, args, config, out) -> int:
+    records, broken = store.load()
+    stats = stats_of(records.values())
+    for domain, count in stats["domains"].items():
+        print(f"{domain}\t{count}", file=out)
+    print(f"total\t{stats['total']}", file=out)
+    if broken:
+        print(f"unreadable\t{len(broken)}", file=out)
+    print(f"store\t{store.path}\t{store.size()} bytes\tbackend sqlite-dbm", file=out)
+    return 0
+
+
+def cmd_cleanup(store: SessionFile, args, config, out) -> int:
+    days = config.cleanup_days if args.days is None else args.days
+    if days < 0:
+        raise SystemExit("lmgateway: DAYS must be >= 0")
+    if days == 0:
+        return cmd_stats(store, args, config, out)
+    cutoff = time.time() - days * DAY
+    records, _ = store.load()
+    removed = store.prune(cutoff, [r for r in records.values() if r.last_activity < cutoff])
+    per_domain: dict[str, int] = {}
+    for record in removed:
+        per_domain[record.domain] = per_domain.get(record.domain, 0) + 1
+    for domain, count in sorted(per_domain.items()):
+        print(f"{domain}\t{count} removed", file=out)
+    print(f"removed {len(removed)} sessions idle for over {days:g} days; "
+          f"{len(records) - len(removed)} remain", file=out)
+    return 0
+
+
+def cmd_export(store: SessionFile, args, config, out) -> int:
+    records, _ = store.load()
+    json.dump(export_of(records.values(), time.time()), out, indent=2, sort_keys=True)
+    out.write("\n")
+    return 0
+
+
+def import_records(data, domains, now: float) -> tuple[list[SessionRecord], list[str]]:
+    """Validate a PHP-gateway sessions.json as the API would; keep its timestamps."""
+    if not isinstance(data, dict) or not isinstance(data.get("domains"), dict):
+        raise ValueError('not a sessions file: expected {"domains": {...}}')
+    accepted, skipped = [], []
+    for domain, sessions in data["domains"].items():
+        if not isinstance(sessions, dict):
+            skipped.append(f"{domain}: not an object of sessions")
+            continue
+        for name, fields in sessions.items():
+            where = f"{domain}/{name}"
+            if not isinstance(fields, dict):
+                skipped.append(f"{where}: not an object")
+                continue
+            try:
+                registration = validate_registration(
+                    dict(fields, domain=domain, session_name=name), domains)
+                created = parse_time(fields.get("created_at") or now)
+                updated = parse_time(fields.get("updated_at") or created)
+                used = fields.get("last_used_at")
+                record = evolve(registration.record(updated, None), created_at=created,
+                                last_used_at=parse_time(used) if used else None)
+            except ApiError as e:
+                skipped.append(f"{where}: {e.code}: {e.message}")
+                continue
+            except ValueError as e:
+                skipped.append(f"{where}: INVALID_TIME: {e}")
+                continue
+            accepted.append(record)
+    return accepted, skipped
+
+
+def cmd_import(store: SessionFile, args, config, out) -> int:
+    try:
+        with open(args.file, encoding="utf-8") if args.file != "-" else sys.stdin as source:
+            data = json.load(source)
+        records, skipped = import_records(data, config.domains, time.time())
+    except OSError as e:
+        raise SystemExit(f"lmgateway: cannot read {args.file!r}: {e.strerror}") from None
+    except ValueError as e:
+        raise SystemExit(f"lmgateway: {args.file!r}: {e}") from None
+    for record in records:
+        store.put(record)
+    for reason in skipped:
+        print(f"skipped {reason}", file=out)
+    print(f"imported {len(records)}, skipped {len(skipped)}", file=out)
+    return 1 if skipped else 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmgateway", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def store_command(name, help):
+        command = commands.add_parser(name, help=help)
+        command.add_argument("--storage", help="session store (env STORAGE_PATH)")
+        command.add_argument("--domains", help="allowed domains (env GATEWAY_ALLOWED_DOMAINS)")
+        return command
+
+    cleanup = store_command("cleanup", "prune idle sessions now; 'cleanup 0' only prints stats")
+    cleanup.add_argument("days", nargs="?", type=float, metavar="DAYS",
+                         help="idle days (default: GATEWAY_SESSION_CLEANUP_DAYS or 30)")
+    cleanup.set_defaults(run=cmd_cleanup)
+    store_command("stats", "sessions per domain, total, store size").set_defaults(run=cmd_stats)
+    importer = store_command("import", "import a PHP gateway sessions.json (or our export)")
+    importer.add_argument("file", metavar="FILE", help="the JSON file, or - for stdin")
+    importer.set_defaults(run=cmd_import, create=True)
+    store_command("export", "write every session to stdout as JSON").set_defaults(run=cmd_export)
+
+    fake = commands.add_parser("fake-bridge", help="serve canned bridge answers for demos and tests")
+    fake.add_argument("--listen", default="tcp:5102:interface=127.0.0.1", metavar="ENDPOINT")
+    fake.add_argument("--chunks", type=int, default=8, metavar="N")
+    fake.add_argument("--delay-ms", type=float, default=50.0, metavar="D")
+    fake.add_argument("--api-key", default=None, help="require this bearer key")
+    return parser
+
+
+def main(argv=None, environ=None, out=None) -> int:
+    args = _parser().parse_args(argv)
+    out = out or sys.stdout
+    environ = os.environ if environ is None else environ
+    if args.command == "fake-bridge":
+        from .fakebridge import main as fake_main
+
+        return fake_main(args.listen, args.chunks, args.delay_ms, args.api_key)
+    try:
+        config = build_config({"storage": args.storage, "domains": args.domains}, environ)
+    except ConfigError as e:
+        raise SystemExit(f"lmgateway: {e}") from None
+    store = _open(config.storage, create=getattr(args, "create", False))
+    try:
+        return args.run(store, args, config, out)
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""One frozen configuration value, built once from options, environment and defaults.
+
+Nothing else in the gateway reads ``os.environ``: the daemon and the CLI both call
+:func:`build_config` and pass the result down.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable, Mapping
+from urllib.parse import urlsplit
+
+from attrs import field, frozen
+
+DEFAULT_DOMAINS = (
+    "lmarena.ai",
+    "canary.lmarena.ai",
+    "alpha.lmarena.ai",
+    "beta.lmarena.ai",
+    "arena.ai",
+)
+DEFAULT_STORAGE = os.path.join("storage", "sessions.sqlite3")
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the option and the problem on one line."""
+
+
+@frozen
+class GatewayConfig:
+    listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
+    bridge_url: str = "http://127.0.0.1:5102"
+    bridge_api_key: str | None = field(default=None, repr=False)
+    storage: str = DEFAULT_STORAGE
+    cleanup_days: float = 30.0
+    cleanup_interval: float = 3600.0
+    domains: tuple[str, ...] = DEFAULT_DOMAINS
+    cors_origins: tuple[str, ...] = ("*",)
+    debug: bool = False
+    log_requests: bool = False
+    max_body: int = 20 * 1024 * 1024
+    connect_timeout: float = 10.0
+    stream_idle_timeout: float = 360.0
+    keepalive: float = 15.0
+    public_url: str | None = None
+    trust_proxy_headers: bool = False
+
+
+# --- value parsers: each returns the parsed value or raises ValueError("problem") ---
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part for part in re.split(r"[,\s]+", value) if part)
+
+
+def parse_http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an absolute http(s) URL")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError(f"{value!r} must not carry user info, a query or a fragment")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"{value!r} has an invalid port") from None
+    return value.rstrip("/")
+
+
+def _parse_listen(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    from twisted.internet.endpoints import serverFromString
+
+    endpoints = _split(value) if isinstance(value, str) else tuple(value)
+    if not endpoints:
+        raise ValueError("at least one endpoint is needed")
+    for description in endpoints:
+        try:
+            # Parsing builds endpoint objects without listening; no reactor is used.
+            serverFromString(None, description)
+        except Exception as e:  # the parsers raise many kinds of error
+            raise ValueError(f"{description!r} is not a valid endpoint: {e}") from None
+    return endpoints
+
+
+def _parse_nonneg(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number") from None
+    if number != number or number < 0 or number == float("inf"):
+        raise ValueError(f"{value!r} must be a finite number >= 0")
+    return number
+
+
+def _parse_positive(value: str) -> float:
+    number = _parse_nonneg(value)
+    if number == 0:
+        raise ValueError(f"{value!r} must be greater than 0")
+    return number
+
+
+def _parse_size(value: str) -> int:
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]i?[bB]?)?\s*", value)
+    if not match:
+        raise ValueError(f"{value!r} is not a size (e.g. 65536, 512KiB, 20MiB)")
+    scale = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[(match.group(2) or "")[:1].lower()]
+    size = int(match.group(1)) * scale
+    if size <= 0:
+        raise ValueError(f"{value!r} must be greater than 0")
+    return size
+
+
+def _parse_domains(value: str) -> tuple[str, ...]:
+    domains = tuple(d.lower() for d in _split(value))
+    if not domains:
+        raise ValueError("at least one domain is needed")
+    for domain in domains:
+        if not _DOMAIN.match(domain):
+            raise ValueError(f"{domain!r} is not a host name")
+    return domains
+
+
+def _parse_origins(value: str) -> tuple[str, ...]:
+    origins = _split(value)
+    if not origins:
+        raise ValueError("at least one origin (or *) is needed")
+    return origins
+
+
+def _parse_key(value: str) -> str | None:
+    if not value:
+        return None
+    if not re.fullmatch(r"[\x21-\x7e]{1,512}", value):
+        raise ValueError("must be one token of printable ASCII, without spaces")
+    return value
+
+
+def _parse_storage(value: str) -> str:
+    if not value:
+        raise ValueError("an empty path")
+    if "://" in value:
+        return value  # a server URL; the store that owns the scheme checks it
+    directory = os.path.dirname(os.path.abspath(value))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create directory {directory!r}: {e.strerror}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"directory {directory!r} is not writable")
+    if os.path.isdir(value):
+        raise ValueError(f"{value!r} is a directory, not a file")
+    if os.path.exists(value) and not os.access(value, os.R_OK | os.W_OK):
+        raise ValueError(f"{value!r} is not readable and writable")
+    return value
+
+
+def _parse_public_url(value: str) -> str | None:
+    return parse_http_url(value) if value else None
+
+
+def parse_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
+@frozen
+class Setting:
+    """One configurable value: its option, its environment variable, how to parse it."""
+
+    name: str  # the attribute on GatewayConfig
+    option: str
+    env: str
+    parse: Callable[[str], object]
+    help: str
+    flag: bool = False
+
+    @property
+    def default(self):
+        return getattr(GatewayConfig(), self.name) if self.name != "listen" else None
+
+
+SETTINGS = (
+    Setting("listen", "listen", "GATEWAY_LISTEN", _parse_listen,
+            "Twisted endpoint to listen on; repeatable [default: tcp:8080:interface=127.0.0.1]"),
+    Setting("bridge_url", "bridge-url", "LMARENA_BRIDGE_BASE_URL", parse_http_url,
+            "Default LMArenaBridge URL"),
+    Setting("bridge_api_key", "bridge-api-key", "LMARENA_BRIDGE_API_KEY", _parse_key,
+            "API key for the default bridge"),
+    Setting("storage", "storage", "STORAGE_PATH", _parse_storage, "Session store file"),
+    Setting("cleanup_days", "cleanup-days", "GATEWAY_SESSION_CLEANUP_DAYS", _parse_nonneg,
+            "Prune sessions idle this many days (0: never)"),
+    Setting("cleanup_interval", "cleanup-interval", "GATEWAY_CLEANUP_INTERVAL", _parse_positive,
+            "Seconds between pruning passes"),
+    Setting("domains", "domains", "GATEWAY_ALLOWED_DOMAINS", _parse_domains,
+            "Comma-separated LMArena domains sessions may belong to"),
+    Setting("cors_origins", "cors-origins", "GATEWAY_CORS_ORIGINS", _parse_origins,
+            "Comma-separated origins allowed by CORS, or *"),
+    Setting("max_body", "max-body", "GATEWAY_MAX_BODY", _parse_size,
+            "Largest /v1 request body in bytes (KiB/MiB suffixes allowed)"),
+    Setting("connect_timeout", "connect-timeout", "GATEWAY_CONNECT_TIMEOUT", _parse_positive,
+            "Seconds to wait for a TCP connection to a bridge"),
+    Setting("stream_idle_timeout", "stream-idle-timeout", "GATEWAY_STREAM_IDLE_TIMEOUT",
+            _parse_positive, "Seconds a bridge may stay silent before the gateway gives up"),
+    Setting("keepalive", "keepalive", "GATEWAY_KEEPALIVE", _parse_nonneg,
+            "Seconds between SSE keep-alive comments while the bridge is silent (0: off)"),
+    Setting("public_url", "public-url", "GATEWAY_PUBLIC_URL", _parse_public_url,
+            "URL browsers reach this gateway at (for the userscript)"),
+    Setting("debug", "debug", "DEBUG_MODE", parse_bool, "Log upstream detail", flag=True),
+    Setting("log_requests", "log-requests", "LOG_REQUESTS", parse_bool,
+            "Log one line per request", flag=True),
+    Setting("trust_proxy_headers", "trust-proxy-headers", "GATEWAY_TRUST_PROXY_HEADERS",
+            parse_bool, "Honour X-Forwarded-Proto/-Host from a reverse proxy", flag=True),
+)
+
+
+def build_config(options: Mapping[str, object], environ: Mapping[str, str]) -> GatewayConfig:
+    """Option beats variable beats default; the first bad value raises ConfigError.
+
+    ``options`` maps option names to the raw value given on the command line (None or
+    absent when not given; True for a flag that was given).
+    """
+    values = {}
+    for setting in SETTINGS:
+        given = options.get(setting.option)
+        if setting.flag and given:
+            values[setting.name] = True
+            continue
+        if given is not None and given != () and not setting.flag:
+            raw, source = given, f"--{setting.option}"
+        elif setting.env in environ:
+            raw, source = environ[setting.env], setting.env
+        else:
+            continue
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    if "storage" not in values:
+        try:
+            _parse_storage(DEFAULT_STORAGE)
+        except ValueError as e:
+            raise ConfigError(f"--storage: {e}") from None
+    return GatewayConfig(**values)

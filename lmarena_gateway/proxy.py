@@ -1,0 +1,421 @@
+"""The OpenAI-compatible routes' work: pick the bridge, forward, relay the answer.
+
+Streams are relayed chunk by chunk: a small protocol receives the bridge's body and
+writes each chunk to the client at once, with the bridge connection registered as the
+request's producer, so a slow client pauses the bridge instead of filling memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+
+from attrs import frozen
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.error import ConnectingCancelledError, ConnectError, DNSLookupError, TimeoutError
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed, _HTTP11ClientFactory
+from twisted.web.http_headers import Headers
+
+from .config import GatewayConfig
+from .errors import ApiError, envelope
+from .sessions import SessionRecord, check_domain, check_session_name
+
+log = Logger()
+REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+DONE = b"data: [DONE]"
+MAX_ERROR_BODY = 64 * 1024
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False  # one "Starting factory" log line per bridge connection is noise
+
+
+def make_http_client(reactor, config: GatewayConfig):
+    """One client over one persistent pool for every bridge request."""
+    from treq.client import HTTPClient
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory
+    pool.maxPersistentPerHost = 64
+    # Below uvicorn's 5 s keep-alive: we drop idle connections before the bridge does,
+    # so a POST never lands on a connection the bridge is closing.
+    pool.cachedConnectionTimeout = 4
+    agent = Agent(reactor, connectTimeout=config.connect_timeout, pool=pool)
+    return HTTPClient(agent), pool
+
+
+@frozen
+class Upstream:
+    """Where one request goes and how it authenticates there."""
+
+    base_url: str
+    api_key: str | None = None
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+
+def upstream_for(record: SessionRecord | None, config: GatewayConfig) -> Upstream:
+    """The operator's key goes only to the operator's bridge, never to a registered URL."""
+    if record is not None and record.bridge_base_url:
+        return Upstream(record.bridge_base_url, record.bridge_api_key)
+    key = record.bridge_api_key if record is not None and record.bridge_api_key else config.bridge_api_key
+    return Upstream(config.bridge_url, key)
+
+
+_BRIDGE_CODES = {
+    400: "BRIDGE_BAD_REQUEST",
+    401: "BRIDGE_UNAUTHORIZED",
+    403: "BRIDGE_FORBIDDEN",
+    404: "BRIDGE_NOT_FOUND",
+    413: "BRIDGE_PAYLOAD_TOO_LARGE",
+    429: "BRIDGE_RATE_LIMITED",
+    503: "BRIDGE_NOT_READY",
+}
+
+
+def normalize_error(status: int, body: bytes) -> dict:
+    """The bridge's three error shapes ({"detail"}, {"error": str}, the envelope) as the envelope."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    code = _BRIDGE_CODES.get(status, "BRIDGE_ERROR")
+    kind = "invalid_request_error" if status < 500 else "bridge_error"
+    message = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict):
+            message = error.get("message")
+            code = str(error.get("code") or code)
+            kind = str(error.get("type") or kind)
+        elif isinstance(error, str):
+            message = error
+        elif "detail" in data:
+            detail = data["detail"]
+            message = detail if isinstance(detail, str) else json.dumps(detail)
+    if not isinstance(message, str) or not message:
+        text = body.decode("utf-8", "replace").strip()[:500]
+        message = text or f"the bridge answered HTTP {status}"
+    return envelope(f"bridge: {message}", code, kind)
+
+
+def _sse_error(message: str, code: str) -> bytes:
+    event = json.dumps(envelope(message, code, "bridge_error"))
+    return f"data: {event}\n\n".encode() + DONE + b"\n\n"
+
+
+class _Relay(Protocol):
+    """Writes the bridge's body to the client as it arrives; never re-assembles it."""
+
+    def __init__(self, request, clock, *, sse: bool, idle_timeout: float,
+                 keepalive: float, upstream_url: str, finished: Deferred) -> None:
+        self.request = request
+        self.clock = clock
+        self.sse = sse
+        self.idle_timeout = idle_timeout
+        self.keepalive = keepalive if sse else 0
+        self.upstream_url = upstream_url
+        self.finished = finished
+        self.tail = b"\n\n"  # the last bytes written: are we between two events?
+        self.seen_done = False
+        self.stopped = False
+        self.bytes = 0
+        self._idle = None
+        self._ping = None
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self.transport, True)
+        self._idle = self.clock.callLater(self.idle_timeout, self._idle_expired)
+        if self.keepalive:
+            self._ping = self.clock.callLater(self.keepalive, self._send_keepalive)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.stopped:
+            return
+        self.request.write(data)
+        self.bytes += len(data)
+        if self.sse and not self.seen_done:
+            self.seen_done = DONE in self.tail[-len(DONE):] + data
+        self.tail = (self.tail + data)[-16:]
+        self._idle.reset(self.idle_timeout)
+        if self._ping is not None and self._ping.active():
+            self._ping.reset(self.keepalive)
+
+    def _between_events(self) -> bool:
+        return self.tail.endswith(b"\n\n") or self.tail.endswith(b"\r\n\r\n")
+
+    def _send_keepalive(self) -> None:
+        if self._between_events():
+            self.request.write(b": keep-alive\n\n")
+        self._ping = self.clock.callLater(self.keepalive, self._send_keepalive)
+
+    def _idle_expired(self) -> None:
+        self._end_with_error(
+            f"the bridge at {self.upstream_url} sent nothing for {self.idle_timeout:g} s",
+            "BRIDGE_TIMEOUT",
+        )
+        self.transport.stopProducing()
+
+    def _end_with_error(self, message: str, code: str) -> None:
+        self.stopped = True
+        self._cancel_timers()
+        if self.sse:
+            prefix = b"" if self._between_events() else b"\n\n"
+            self.request.write(prefix + _sse_error(message, code))
+            self._finish()
+        else:
+            # A JSON body cut short must not look complete: drop the connection.
+            log.warn("bridge body lost: {message}", message=message)
+            self.request.unregisterProducer()
+            self.request.loseConnection()
+            self.finished.callback(None)
+
+    def _cancel_timers(self) -> None:
+        for call in (self._idle, self._ping):
+            if call is not None and call.active():
+                call.cancel()
+
+    def _finish(self) -> None:
+        self.request.unregisterProducer()
+        self.request.finish()
+        self.finished.callback(None)
+
+    def stop(self) -> None:
+        """The client went away: drop the bridge connection too."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self._cancel_timers()
+        self.transport.stopProducing()
+        if not self.finished.called:
+            self.finished.callback(None)
+
+    def connectionLost(self, reason) -> None:
+        if self.stopped:
+            return
+        clean = reason.check(ResponseDone)
+        if self.sse and not self.seen_done:
+            why = "closed the stream" if clean else "connection was lost"
+            self._end_with_error(
+                f"the bridge at {self.upstream_url} {why} before the answer was complete",
+                "BRIDGE_STREAM_LOST",
+            )
+        elif not self.sse and not clean:
+            self._end_with_error(f"the bridge at {self.upstream_url} was lost mid-answer",
+                                 "BRIDGE_STREAM_LOST")
+        else:
+            self.stopped = True
+            self._cancel_timers()
+            self._finish()
+
+
+def request_id(request) -> str:
+    given = request.getHeader(b"x-request-id")
+    if given:
+        text = given.decode("latin-1")
+        if REQUEST_ID.match(text):
+            return text
+    return uuid.uuid4().hex
+
+
+class Proxy:
+    """The /v1 routes' logic; ``client`` is a treq HTTPClient or a StubTreq."""
+
+    def __init__(self, config: GatewayConfig, store, client, clock) -> None:
+        self.config = config
+        self.store = store
+        self.client = client
+        self.clock = clock
+
+    # --- session resolution ---
+
+    def resolve(self, request, *, required: bool) -> SessionRecord | None:
+        name = (request.getHeader(b"x-session-name") or b"default").decode("latin-1")
+        domain = (request.getHeader(b"x-target-domain") or b"lmarena.ai").decode("latin-1")
+        name = check_session_name(name)
+        domain = check_domain(domain, self.config.domains)
+        record = self.store.get(domain, name)
+        if record is None and required:
+            raise ApiError(
+                404, "SESSION_NOT_FOUND",
+                f"no session {name!r} for domain {domain!r}: register one with "
+                f"POST /session/register, or install the userscript from "
+                f"/userscript/generate?session_name={name}",
+            )
+        if record is not None:
+            self.store.touch(domain, name, self.clock.seconds())
+        return record
+
+    def _headers(self, upstream: Upstream, record: SessionRecord | None, rid: str) -> Headers:
+        headers = Headers({b"Content-Type": [b"application/json"], b"X-Request-ID": [rid.encode()]})
+        if upstream.api_key:
+            headers.setRawHeaders(b"Authorization", [b"Bearer " + upstream.api_key.encode()])
+        if record is not None:
+            headers.setRawHeaders(b"X-LMArena-Session-ID", [record.session_id.encode()])
+            headers.setRawHeaders(b"X-LMArena-Message-ID", [record.message_id.encode()])
+            headers.setRawHeaders(b"X-LMArena-Domain", [record.domain.encode()])
+        return headers
+
+    def read_json_body(self, request, *, required: tuple[tuple[str, type], ...]) -> tuple[dict, bytes]:
+        raw = request.content.read(self.config.max_body + 1)
+        if len(raw) > self.config.max_body:
+            raise ApiError(413, "BODY_TOO_LARGE",
+                           f"the request body is over {self.config.max_body} bytes")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise ApiError(400, "INVALID_REQUEST", "the body must be JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "INVALID_REQUEST", "the body must be a JSON object")
+        for name, kind in required:
+            value = body.get(name)
+            if not isinstance(value, kind) or not value:
+                what = "a non-empty list" if kind is list else "a string"
+                raise ApiError(400, "INVALID_REQUEST", f"{name!r} must be {what}")
+        return body, raw
+
+    @staticmethod
+    def _apply_alias(record, body: dict, raw: bytes) -> bytes:
+        model = body.get("model")
+        if record is None or not isinstance(model, str) or model not in record.models:
+            return raw
+        return json.dumps(dict(body, model=record.models[model])).encode()
+
+    # --- the routes ---
+
+    def chat(self, request) -> Deferred:
+        body, raw = self.read_json_body(request, required=(("model", str), ("messages", list)))
+        record = self.resolve(request, required=True)
+        stream = body.get("stream") is True
+        return self._forward(request, record, "/v1/chat/completions",
+                             self._apply_alias(record, body, raw), sse=stream)
+
+    def images(self, request) -> Deferred:
+        body, raw = self.read_json_body(request, required=(("prompt", str),))
+        record = self.resolve(request, required=True)
+        return self._forward(request, record, "/v1/images/generations",
+                             self._apply_alias(record, body, raw), sse=False)
+
+    @inlineCallbacks
+    def models(self, request):
+        record = self.resolve(request, required=False)
+        upstream = upstream_for(record, self.config)
+        rid = request_id(request)
+        request.setHeader(b"X-Request-ID", rid.encode())
+        response = yield self._send(b"GET", upstream, "/v1/models", None, record, rid)
+        body = yield self._read_capped(response)
+        if response.code >= 400:
+            return self._error_response(request, response.code, normalize_error(response.code, body))
+        try:
+            listing = json.loads(body)
+            models = list(listing["data"])
+        except (ValueError, KeyError, TypeError):
+            raise ApiError(502, "BRIDGE_BAD_RESPONSE",
+                           f"the bridge at {upstream.base_url} sent an unreadable model list",
+                           "bridge_error") from None
+        if record is not None:
+            for alias, target in sorted(record.models.items()):
+                models.append({"id": alias, "object": "model", "created": int(record.created_at),
+                               "owned_by": f"alias of {target} (session {record.session_name})"})
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps({"object": "list", "data": models}).encode()
+
+    # --- upstream plumbing ---
+
+    def _send(self, method: bytes, upstream: Upstream, path: str, data: bytes | None,
+              record, rid: str) -> Deferred:
+        """The bridge request; connection failures become our 502/504 envelopes."""
+        started = time.monotonic()
+        url = upstream.url(path)
+        d = self.client.request(method.decode(), url, data=data,
+                                headers=self._headers(upstream, record, rid),
+                                allow_redirects=False, unbuffered=True)
+        # treq's own timeout reads the global reactor; ours runs on the injected clock.
+        timer = self.clock.callLater(self.config.stream_idle_timeout, d.cancel)
+
+        def answered(response):
+            if timer.active():
+                timer.cancel()
+            if self.config.debug:
+                log.debug("bridge {method} {url} -> {code} in {ms:.1f} ms",
+                          method=method.decode(), url=url, code=response.code,
+                          ms=(time.monotonic() - started) * 1000)
+            return response
+
+        def failed(failure):
+            timed_out = not timer.active()
+            if timer.active():
+                timer.cancel()
+            if failure.check(TimeoutError) or (timed_out and failure.check(CancelledError)):
+                raise ApiError(504, "BRIDGE_TIMEOUT",
+                               f"the bridge at {upstream.base_url} did not answer in time",
+                               "bridge_error")
+            if failure.check(CancelledError, ConnectingCancelledError):
+                return failure
+            if failure.check(ConnectError, DNSLookupError, ResponseFailed, ConnectionError):
+                log.info("bridge {url} unreachable: {why}", url=url, why=failure.getErrorMessage())
+                raise ApiError(502, "BRIDGE_UNAVAILABLE",
+                               f"the bridge at {upstream.base_url} is unreachable",
+                               "bridge_error")
+            return failure
+
+        return d.addCallbacks(answered, failed)
+
+    def _read_capped(self, response) -> Deferred:
+        import treq
+
+        return treq.content(response)
+
+    @staticmethod
+    def _error_response(request, status: int, payload: dict) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(payload).encode()
+
+    def _forward(self, request, record, path: str, data: bytes, *, sse: bool) -> Deferred:
+        upstream = upstream_for(record, self.config)
+        rid = request_id(request)
+        request.setHeader(b"X-Request-ID", rid.encode())
+        pending = self._send(b"POST", upstream, path, data, record, rid)
+        relay: list[_Relay] = []
+
+        def cancel(_):
+            if relay:
+                relay[0].stop()
+            else:
+                pending.cancel()
+
+        finished = Deferred(cancel)
+
+        def answered(response):
+            if response.code >= 300:
+                return self._read_capped(response).addCallback(
+                    lambda body: finished.callback(
+                        self._error_response(request, response.code,
+                                             normalize_error(response.code, body))))
+            request.setResponseCode(response.code)
+            content_type = response.headers.getRawHeaders(b"content-type", [None])[0]
+            if sse:
+                request.setHeader(b"Content-Type", content_type or b"text/event-stream")
+                request.setHeader(b"Cache-Control", b"no-cache")
+                request.setHeader(b"X-Accel-Buffering", b"no")
+            elif content_type:
+                request.setHeader(b"Content-Type", content_type)
+            protocol = _Relay(request, self.clock, sse=sse,
+                              idle_timeout=self.config.stream_idle_timeout,
+                              keepalive=self.config.keepalive,
+                              upstream_url=upstream.base_url, finished=finished)
+            relay.append(protocol)
+            response.deliverBody(protocol)
+
+        def failed(failure):
+            if not finished.called:
+                finished.errback(failure)
+
+        pending.addCallbacks(answered, failed)
+        return finished

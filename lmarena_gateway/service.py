@@ -1,0 +1,93 @@
+"""The daemon as Twisted services: the store, the pruning timer and the listeners."""
+
+from __future__ import annotations
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from .config import GatewayConfig
+from .gateway import Gateway, make_site
+from .proxy import make_http_client
+from .store import DBMSessionStore
+
+log = Logger()
+DAY = 86400.0
+
+
+class Pruner:
+    """One pruning pass; it logs its own errors so the timer never stops."""
+
+    def __init__(self, store, clock, days: float) -> None:
+        self.store = store
+        self.clock = clock
+        self.days = days
+        self.running: Deferred | None = None
+
+    def __call__(self) -> Deferred | None:
+        if self.days <= 0 or self.running is not None:
+            return None
+        self.running = self._run()
+        return self.running
+
+    @inlineCallbacks
+    def _run(self):
+        try:
+            pruned = yield self.store.prune(self.clock.seconds() - self.days * DAY)
+            if pruned:
+                log.info("pruned {total} idle sessions: {per_domain}",
+                         total=sum(pruned.values()), per_domain=pruned)
+            return pruned
+        except Exception:
+            log.failure("pruning failed; will try again at the next interval")
+        finally:
+            self.running = None
+
+
+class _ConnectionPoolService(Service):
+    """Closes the bridge connections we keep open when the daemon stops."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+
+    def stopService(self):
+        super().stopService()
+        return self.pool.closeCachedConnections()
+
+
+def make_store(config: GatewayConfig, reactor):
+    if config.storage.startswith(("redis://", "rediss://", "unix://")):
+        from .redis_store import RedisSessionStore
+
+        return RedisSessionStore.from_url(config.storage, reactor, config=config)
+    return DBMSessionStore(config.storage, reactor)
+
+
+def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> MultiService:
+    root = MultiService()
+    if store is None:
+        store = make_store(config, reactor)
+    store.setName("store")
+    store.setServiceParent(root)
+    if client is None:
+        client, pool = make_http_client(reactor, config)
+        pool_service = _ConnectionPoolService(pool)
+        pool_service.setName("bridge-connections")
+        pool_service.setServiceParent(root)
+
+    pruner = TimerService(config.cleanup_interval, Pruner(store, reactor, config.cleanup_days))
+    pruner.clock = reactor
+    pruner.setName("pruner")
+    pruner.setServiceParent(root)
+
+    gateway = Gateway(config, store, client, reactor)
+    site = make_site(gateway)
+    for index, description in enumerate(config.listen):
+        listener = StreamServerEndpointService(serverFromString(reactor, description), site)
+        listener.setName(f"listen-{index}")
+        listener.setServiceParent(root)
+    if not config.log_requests:
+        log.info("request logging is off (--log-requests turns it on)")
+    return root

@@ -1,0 +1,238 @@
+"""The session record and the rules a registration must pass, wherever it comes from.
+
+The API, the CLI's ``import`` and every store backend validate through
+:func:`validate_registration`, so a record that fails these rules is never stored.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Mapping
+from urllib.parse import urlsplit
+
+from attrs import evolve, field, frozen
+
+from .errors import ApiError
+
+SESSION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+BRIDGE_KEY = re.compile(r"^[\x21-\x7e]{1,512}$")
+MAX_MODELS = 200
+REQUIRED = ("domain", "session_name", "session_id", "message_id")
+
+
+def iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value) -> float:
+    """ISO-8601 (ours, or PHP's ``date('c')``) or epoch seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a time")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an ISO-8601 time") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return moment.timestamp()
+    raise ValueError(f"{value!r} is not a time")
+
+
+def session_key(domain: str, name: str) -> str:
+    return f"{domain}/{name}"
+
+
+@frozen
+class SessionRecord:
+    domain: str
+    session_name: str
+    session_id: str
+    message_id: str
+    bridge_base_url: str | None = None
+    bridge_api_key: str | None = field(default=None, repr=False)
+    models: dict = field(factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    last_used_at: float | None = None
+
+    @property
+    def key(self) -> str:
+        return session_key(self.domain, self.session_name)
+
+    @property
+    def last_activity(self) -> float:
+        return max(self.updated_at, self.last_used_at or 0.0)
+
+    def public(self) -> dict:
+        """What /session/list shows: everything but the bridge key."""
+        return {
+            "domain": self.domain,
+            "session_name": self.session_name,
+            "session_id": self.session_id,
+            "message_id": self.message_id,
+            "bridge_base_url": self.bridge_base_url,
+            "has_bridge_api_key": self.bridge_api_key is not None,
+            "models": dict(self.models),
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+            "last_used_at": iso(self.last_used_at) if self.last_used_at else None,
+        }
+
+    def to_json(self) -> dict:
+        """The stored and exported form: the PHP gateway's fields plus ours."""
+        return {
+            "session_id": self.session_id,
+            "message_id": self.message_id,
+            "bridge_base_url": self.bridge_base_url,
+            "bridge_api_key": self.bridge_api_key,
+            "models": dict(self.models),
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+            "last_used_at": iso(self.last_used_at) if self.last_used_at else None,
+        }
+
+    @classmethod
+    def from_json(cls, domain: str, name: str, data: Mapping) -> SessionRecord:
+        return cls(
+            domain=domain,
+            session_name=name,
+            session_id=data["session_id"],
+            message_id=data["message_id"],
+            bridge_base_url=data.get("bridge_base_url"),
+            bridge_api_key=data.get("bridge_api_key"),
+            models=dict(data.get("models") or {}),
+            created_at=parse_time(data["created_at"]),
+            updated_at=parse_time(data["updated_at"]),
+            last_used_at=parse_time(data["last_used_at"]) if data.get("last_used_at") else None,
+        )
+
+    def touched(self, now: float) -> SessionRecord:
+        return evolve(self, last_used_at=now)
+
+
+@frozen
+class Registration:
+    """A validated registration, not yet stamped with times."""
+
+    domain: str
+    session_name: str
+    session_id: str
+    message_id: str
+    bridge_base_url: str | None = None
+    bridge_api_key: str | None = field(default=None, repr=False)
+    models: dict = field(factory=dict)
+
+    def record(self, now: float, existing: SessionRecord | None) -> SessionRecord:
+        """The upserted record: ``created_at`` and ``last_used_at`` survive an update."""
+        return SessionRecord(
+            domain=self.domain,
+            session_name=self.session_name,
+            session_id=self.session_id,
+            message_id=self.message_id,
+            bridge_base_url=self.bridge_base_url,
+            bridge_api_key=self.bridge_api_key,
+            models=dict(self.models),
+            created_at=existing.created_at if existing else now,
+            updated_at=now,
+            last_used_at=existing.last_used_at if existing else None,
+        )
+
+
+def _bad(code: str, message: str) -> ApiError:
+    return ApiError(400, code, message)
+
+
+def check_domain(domain, domains) -> str:
+    if not isinstance(domain, str) or domain.lower() not in domains:
+        raise _bad("INVALID_DOMAIN", f"domain must be one of: {', '.join(domains)}")
+    return domain.lower()
+
+
+def check_session_name(name) -> str:
+    if not isinstance(name, str) or not SESSION_NAME.match(name):
+        raise _bad("INVALID_SESSION_NAME",
+                   "session_name must be 1-64 characters of A-Z, a-z, 0-9, _ or -")
+    return name
+
+
+def check_bridge_url(url) -> str:
+    if not isinstance(url, str):
+        raise _bad("INVALID_URL", "bridge_base_url must be a string")
+    parts = urlsplit(url)
+    problem = None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        problem = "must be an absolute http or https URL"
+    elif "@" in parts.netloc or parts.query or parts.fragment or "?" in url or "#" in url:
+        problem = "must not carry user info, a query or a fragment"
+    elif any(ord(c) < 0x21 or ord(c) > 0x7E for c in url):
+        problem = "must be printable ASCII without spaces"
+    else:
+        try:
+            parts.port
+        except ValueError:
+            problem = "has an invalid port"
+    if problem:
+        raise _bad("INVALID_URL", f"bridge_base_url {problem}")
+    return url.rstrip("/")
+
+
+def validate_registration(body, domains) -> Registration:
+    """The rules of POST /session/register; raises ApiError with a stable code."""
+    if not isinstance(body, dict):
+        raise _bad("INVALID_JSON", "the body must be a JSON object")
+    missing = [name for name in REQUIRED if body.get(name) in (None, "")]
+    if missing:
+        raise _bad("MISSING_FIELDS", f"missing required fields: {', '.join(missing)}")
+    domain = check_domain(body["domain"], domains)
+    name = check_session_name(body["session_name"])
+    ids = []
+    for field_name in ("session_id", "message_id"):
+        value = body[field_name]
+        if not isinstance(value, str) or not UUID.match(value.lower()):
+            raise _bad("INVALID_UUID", f"{field_name} must be a UUID")
+        ids.append(value.lower())
+    url = body.get("bridge_base_url")
+    url = None if url in (None, "") else check_bridge_url(url)
+    key = body.get("bridge_api_key")
+    if key in (None, ""):
+        key = None
+    elif not isinstance(key, str) or not BRIDGE_KEY.match(key):
+        raise _bad("INVALID_BRIDGE_API_KEY",
+                   "bridge_api_key must be one token of printable ASCII, at most 512 characters")
+    models = body.get("models")
+    if models is None:
+        models = {}
+    if (
+        not isinstance(models, dict)
+        or len(models) > MAX_MODELS
+        or not all(isinstance(k, str) and isinstance(v, str) and k and v
+                   for k, v in models.items())
+    ):
+        raise _bad("INVALID_MODELS",
+                   f"models must be an object of at most {MAX_MODELS} alias: model strings")
+    return Registration(domain, name, ids[0], ids[1], url, key, dict(models))
+
+
+def record_is_valid(record: SessionRecord, domains) -> bool:
+    """Whether a stored record would pass registration today (for import and tests)."""
+    try:
+        validate_registration(
+            {
+                "domain": record.domain,
+                "session_name": record.session_name,
+                "session_id": record.session_id,
+                "message_id": record.message_id,
+                "bridge_base_url": record.bridge_base_url,
+                "bridge_api_key": record.bridge_api_key,
+                "models": record.models,
+            },
+            domains,
+        )
+    except ApiError:
+        return False
+    return True

@@ -1,0 +1,303 @@
+"""Where sessions live: the store interface and the embedded SQLite-dbm backend.
+
+Callers on the reactor read sessions from memory only; every disk operation runs in a
+one-thread pool, one at a time, and a write is acknowledged only once committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from typing import Iterable
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import Attribute, Interface, implementer
+
+from . import sqlitedbm
+from .sessions import Registration, SessionRecord, iso, record_is_valid, session_key
+
+PRUNE_BATCH = 1000
+
+
+class ISessionStore(Interface):
+    """What the gateway needs from a session store, whatever holds the data."""
+
+    backend = Attribute("A short name for the backend, shown by stats and /health.")
+
+    def get(domain: str, name: str) -> SessionRecord | None:
+        """The session, from memory: never waits on disk or network."""
+
+    def records(domain: str | None = None) -> list[SessionRecord]:
+        """All sessions (of one domain), from memory."""
+
+    def register(registration: Registration, now: float) -> Deferred:
+        """Upsert; fires with the stored SessionRecord once it is durable."""
+
+    def delete(domain: str, name: str) -> Deferred:
+        """Fires with True once removed, False if there was no such session."""
+
+    def touch(domain: str, name: str, now: float) -> None:
+        """Note a use in memory; persisted later in batches."""
+
+    def prune(cutoff: float) -> Deferred:
+        """Remove sessions idle since before ``cutoff``; fires with {domain: count}."""
+
+    def health() -> dict:
+        """{"backend": ..., "status": "ok" | "degraded", ...} for /health."""
+
+
+class SessionFile:
+    """Synchronous operations on one store file: run in the store's thread, or by the CLI."""
+
+    def __init__(self, path: str, flag: str = "c") -> None:
+        self.path = path
+        self.db = sqlitedbm.open(path, flag)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @staticmethod
+    def _decode(key: bytes, value: bytes) -> SessionRecord:
+        data = json.loads(value)
+        return SessionRecord.from_json(data["domain"], data["session_name"], data)
+
+    @staticmethod
+    def _encode(record: SessionRecord) -> tuple[bytes, bytes]:
+        data = record.to_json()
+        data["domain"] = record.domain
+        data["session_name"] = record.session_name
+        return record.key.encode(), json.dumps(data, sort_keys=True).encode()
+
+    def _get(self, key: str) -> SessionRecord | None:
+        value = self.db.get(key)
+        return None if value is None else self._decode(key.encode(), value)
+
+    def write(self, record: SessionRecord) -> None:
+        key, value = self._encode(record)
+        self.db[key] = value
+
+    def load(self) -> tuple[dict[str, SessionRecord], list[str]]:
+        """Every readable record, and the keys of those that could not be read."""
+        records, broken = {}, []
+        for key, value in self.db.items():
+            try:
+                record = self._decode(key, value)
+            except (ValueError, KeyError, TypeError):
+                broken.append(key.decode(errors="replace"))
+                continue
+            records[record.key] = record
+        return records, broken
+
+    def data_version(self) -> int:
+        return self.db.data_version()
+
+    def upsert(self, registration: Registration, now: float) -> SessionRecord:
+        with self.db.transaction():
+            key = session_key(registration.domain, registration.session_name)
+            record = registration.record(now, self._get(key))
+            self.write(record)
+        return record
+
+    def put(self, record: SessionRecord) -> None:
+        with self.db.transaction():
+            self.write(record)
+
+    def delete(self, domain: str, name: str) -> bool:
+        try:
+            del self.db[session_key(domain, name)]
+        except KeyError:
+            return False
+        return True
+
+    def prune(self, cutoff: float, candidates: Iterable[SessionRecord]) -> list[SessionRecord]:
+        """Delete the candidates still idle since before ``cutoff`` on disk too."""
+        removed = []
+        with self.db.transaction():
+            for seen in candidates:
+                stored = self._get(seen.key)
+                if stored is None:
+                    continue
+                if max(stored.last_activity, seen.last_activity) < cutoff:
+                    del self.db[seen.key]
+                    removed.append(stored)
+        return removed
+
+    def save_last_used(self, uses: dict[str, float]) -> None:
+        with self.db.transaction():
+            for key, when in uses.items():
+                stored = self._get(key)
+                if stored is not None and (stored.last_used_at or 0) < when:
+                    self.write(stored.touched(when))
+
+    def size(self) -> int:
+        return sum(
+            os.path.getsize(self.path + suffix)
+            for suffix in ("", "-wal", "-shm")
+            if os.path.exists(self.path + suffix)
+        )
+
+
+def stats_of(records: Iterable[SessionRecord]) -> dict:
+    per_domain = Counter(record.domain for record in records)
+    return {"domains": dict(sorted(per_domain.items())), "total": sum(per_domain.values())}
+
+
+def export_of(records: Iterable[SessionRecord], now: float) -> dict:
+    """The PHP gateway's sessions.json shape, so backups and moves are one pipe."""
+    domains: dict[str, dict] = {}
+    for record in sorted(records, key=lambda r: r.key):
+        domains.setdefault(record.domain, {})[record.session_name] = record.to_json()
+    return {"domains": domains, "created_at": iso(now)}
+
+
+@implementer(ISessionStore)
+class DBMSessionStore(Service):
+    """Sessions in memory for lookups, written through to a SQLite-dbm file."""
+
+    backend = "sqlite-dbm"
+    log = Logger()
+
+    def __init__(self, path: str, reactor, *, poll_interval: float = 0.5,
+                 flush_interval: float = 60.0, max_per_domain: int | None = None) -> None:
+        self.path = path
+        self._reactor = reactor
+        self._cache: dict[str, SessionRecord] = {}
+        self._used: dict[str, float] = {}
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="session-store")
+        self._poll = LoopingCall(self._check_for_changes)
+        self._poll.clock = reactor
+        self._poll_interval = poll_interval
+        self._flush = LoopingCall(self.flush)
+        self._flush.clock = reactor
+        self._flush_interval = flush_interval
+        self._file: SessionFile | None = None
+        self._version = None
+
+    # --- lifecycle ---
+
+    def startService(self) -> None:
+        # Runs once at startup, before anything is served: loading here is not blocking anyone.
+        self._file = SessionFile(self.path)
+        self._cache, broken = self._file.load()
+        self._version = self._file.data_version()
+        for key in broken:
+            self.log.warn("session store: unreadable record {key!r} ignored", key=key)
+        self.log.info("session store {path}: {count} sessions", path=self.path, count=len(self._cache))
+        self._pool.start()
+        self._poll.start(self._poll_interval, now=False).addErrback(self._loop_died, "poll")
+        self._flush.start(self._flush_interval, now=False).addErrback(self._loop_died, "flush")
+        super().startService()
+
+    @inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        for loop in (self._poll, self._flush):
+            if loop.running:
+                loop.stop()
+        yield self.flush()
+        self._pool.stop()
+        self._file.close()
+
+    def _loop_died(self, failure, which):
+        self.log.failure("session store {which} loop stopped", failure, which=which)
+
+    def _in_thread(self, function, *args) -> Deferred:
+        return deferToThreadPool(self._reactor, self._pool, function, *args)
+
+    # --- reads, from memory ---
+
+    def get(self, domain: str, name: str) -> SessionRecord | None:
+        return self._cache.get(session_key(domain, name))
+
+    def records(self, domain: str | None = None) -> list[SessionRecord]:
+        return [r for r in self._cache.values() if domain is None or r.domain == domain]
+
+    def health(self) -> dict:
+        return {"backend": self.backend, "status": "ok", "sessions": len(self._cache)}
+
+    # --- writes, in the store's thread ---
+
+    def register(self, registration: Registration, now: float) -> Deferred:
+        def stored(record: SessionRecord) -> SessionRecord:
+            self._remember(record)
+            return record
+
+        return self._in_thread(self._file.upsert, registration, now).addCallback(stored)
+
+    def delete(self, domain: str, name: str) -> Deferred:
+        def deleted(existed: bool) -> bool:
+            key = session_key(domain, name)
+            self._cache.pop(key, None)
+            self._used.pop(key, None)
+            return existed
+
+        return self._in_thread(self._file.delete, domain, name).addCallback(deleted)
+
+    def touch(self, domain: str, name: str, now: float) -> None:
+        key = session_key(domain, name)
+        record = self._cache.get(key)
+        if record is not None:
+            self._cache[key] = record.touched(now)
+            self._used[key] = now
+
+    def flush(self) -> Deferred:
+        """Persist the uses noted since the last flush, in one transaction."""
+        if not self._used or self._file is None:
+            return succeed(None)
+        uses, self._used = self._used, {}
+        return self._in_thread(self._file.save_last_used, uses)
+
+    @inlineCallbacks
+    def prune(self, cutoff: float):
+        # A snapshot of immutable records; the filtering and the disk work run in the
+        # thread, in batches, so neither the reactor nor queued registrations wait long.
+        snapshot = list(self._cache.values())
+        candidates = yield self._in_thread(
+            lambda: [r for r in snapshot if r.last_activity < cutoff]
+        )
+        pruned: Counter = Counter()
+        for start in range(0, len(candidates), PRUNE_BATCH):
+            batch = candidates[start:start + PRUNE_BATCH]
+            removed = yield self._in_thread(self._file.prune, cutoff, batch)
+            for record in removed:
+                self._cache.pop(record.key, None)
+                self._used.pop(record.key, None)
+                pruned[record.domain] += 1
+        return dict(pruned)
+
+    def _remember(self, record: SessionRecord) -> None:
+        used = self._used.get(record.key)
+        if used is not None and (record.last_used_at or 0) < used:
+            record = record.touched(used)
+        self._cache[record.key] = record
+
+    # --- changes made by other processes (the CLI, another daemon) ---
+
+    def _check_for_changes(self) -> Deferred | None:
+        def read():
+            version = self._file.data_version()
+            if version == self._version:
+                return None
+            return version, self._file.load()[0]
+
+        def apply(result):
+            if result is None:
+                return
+            self._version, records = result
+            self._cache = {}
+            for record in records.values():
+                self._remember(record)
+
+        return self._in_thread(read).addCallback(apply).addErrback(
+            lambda f: self.log.failure("session store: reload failed", f)
+        )
+
+
+def valid_records(records: Iterable[SessionRecord], domains) -> list[SessionRecord]:
+    return [r for r in records if record_is_valid(r, domains)]
