@@ -116,6 +116,12 @@ class Gateway:
         log.info("session deleted: {domain}/{name}", domain=domain, name=name)
         return write_json(request, 200, {"status": "deleted", "domain": domain, "session_name": name})
 
+    # --- the registration userscript (issue 5 fills this in) ---
+
+    @app.route("/userscript/generate", methods=["GET"])
+    def userscript(self, request):
+        raise ApiError(501, "NOT_IMPLEMENTED", "the userscript generator is being built")
+
     # --- the OpenAI-compatible API ---
 
     @app.route("/v1/chat/completions", methods=["POST"])
