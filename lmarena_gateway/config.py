@@ -1,6 +1,6 @@
 """One frozen configuration value, built once from options, environment and defaults.
 
-Nothing else in the gateway reads ``os.environ``: the daemon and the CLI both call
+Nothing else in the gateway reads the process environment: the daemon and the CLI both call
 :func:`build_config` and pass the result down.
 """
 
