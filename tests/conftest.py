@@ -200,3 +200,88 @@ async def listen(reactor):
     yield serve
     for port in ports:
         await port.stopListening()
+
+
+@pytest_twisted.async_yield_fixture
+async def gateway_factory(reactor, tmp_path, listen):
+    """``await gateway_factory(**config)``: a whole gateway service on the real reactor.
+
+    Listens on a free loopback port, stores sessions under tmp_path, and by default sends
+    bridge traffic to an in-process FakeBridge (``gw.bridge``) on its own loopback port.
+    """
+    from attrs import evolve
+
+    from lmarena_gateway.config import GatewayConfig
+    from lmarena_gateway.fakebridge import FakeBridge
+    from lmarena_gateway.service import make_service
+
+    services = []
+
+    class Running:
+        pass
+
+    async def make(bridge=None, **overrides):
+        running = Running()
+        if bridge is None:
+            bridge = FakeBridge(reactor, chunks=4, delay=0.001)
+        running.bridge = bridge
+        if "bridge_url" not in overrides:
+            overrides["bridge_url"] = await listen(bridge.app.resource())
+        port = free_port()
+        overrides.setdefault("storage", str(tmp_path / f"sessions-{port}.sqlite3"))
+        config = evolve(GatewayConfig(), listen=(f"tcp:{port}:interface=127.0.0.1",), **overrides)
+        service = make_service(config, reactor)
+        service.startService()
+        services.append(service)
+        running.config = config
+        running.service = service
+        running.store = service.getServiceNamed("store")
+        running.url = f"http://127.0.0.1:{port}"
+        # the listener is up once a connection succeeds
+        await wait_until_listening(reactor, port)
+        return running
+
+    yield make
+    for service in services:
+        await service.stopService()
+
+
+async def wait_until_listening(reactor, port: int, timeout: float = 5.0) -> None:
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.task import deferLater
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            protocol = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Protocol())
+            protocol.transport.loseConnection()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await deferLater(reactor, 0.02, lambda: None)
+
+
+SESSION = {
+    "domain": "lmarena.ai",
+    "session_name": "team-alpha",
+    "session_id": "12345678-1234-1234-1234-123456789abc",
+    "message_id": "87654321-4321-4321-4321-cba987654321",
+}
+
+
+async def call(method: str, url: str, body=None, headers=None):
+    """treq on the reactor: (status, headers, parsed JSON or bytes)."""
+    import treq
+
+    kwargs = {"headers": headers or {}}
+    if body is not None:
+        kwargs["data"] = body if isinstance(body, bytes) else json.dumps(body).encode()
+        kwargs["headers"] = {"Content-Type": "application/json", **kwargs["headers"]}
+    response = await treq.request(method, url, **kwargs)
+    raw = await treq.content(response)
+    try:
+        return response.code, response.headers, json.loads(raw)
+    except ValueError:
+        return response.code, response.headers, raw
