@@ -43,6 +43,11 @@ def parse_time(value) -> float:
     raise ValueError(f"{value!r} is not a time")
 
 
+def _whole_seconds(value):
+    """Times are kept to the second, as they are written (ISO-8601), so memory equals disk."""
+    return None if value is None else float(int(value))
+
+
 def session_key(domain: str, name: str) -> str:
     return f"{domain}/{name}"
 
@@ -56,9 +61,9 @@ class SessionRecord:
     bridge_base_url: str | None = None
     bridge_api_key: str | None = field(default=None, repr=False)
     models: dict = field(factory=dict)
-    created_at: float = 0.0
-    updated_at: float = 0.0
-    last_used_at: float | None = None
+    created_at: float = field(default=0.0, converter=_whole_seconds)
+    updated_at: float = field(default=0.0, converter=_whole_seconds)
+    last_used_at: float | None = field(default=None, converter=_whole_seconds)
 
     @property
     def key(self) -> str:

@@ -244,7 +244,7 @@ class DBMSessionStore(Service):
         record = self._cache.get(key)
         if record is not None:
             self._cache[key] = record.touched(now)
-            self._used[key] = now
+            self._used[key] = float(int(now))
 
     def flush(self) -> Deferred:
         """Persist the uses noted since the last flush, in one transaction."""
