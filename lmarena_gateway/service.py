@@ -26,24 +26,32 @@ class Pruner:
         self.days = days
         self.running: Deferred | None = None
 
-    def __call__(self) -> Deferred | None:
+    def __call__(self) -> None:
+        """Start a pass unless one is running; ``self.running`` fires with {domain: count}.
+
+        The timer is not handed the Deferred: a slow pass is skipped over, not queued,
+        and the timer must not swallow the result that tests and callers await.
+        """
         if self.days <= 0 or self.running is not None:
-            return None
+            return
         self.running = self._run()
-        return self.running
+        self.running.addBoth(self._finished)
+
+    def _finished(self, result):
+        self.running = None
+        return result
 
     @inlineCallbacks
     def _run(self):
         try:
             pruned = yield self.store.prune(self.clock.seconds() - self.days * DAY)
-            if pruned:
-                log.info("pruned {total} idle sessions: {per_domain}",
-                         total=sum(pruned.values()), per_domain=pruned)
-            return pruned
         except Exception:
             log.failure("pruning failed; will try again at the next interval")
-        finally:
-            self.running = None
+            return {}
+        if pruned:
+            log.info("pruned {total} idle sessions: {per_domain}",
+                     total=sum(pruned.values()), per_domain=pruned)
+        return pruned
 
 
 class _ConnectionPoolService(Service):
