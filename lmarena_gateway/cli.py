@@ -79,6 +79,8 @@ def import_records(data, domains, now: float) -> tuple[list[SessionRecord], list
             if not isinstance(fields, dict):
                 skipped.append(f"{where}: not an object")
                 continue
+            if fields.get("models") == []:
+                fields = dict(fields, models={})  # PHP's json_encode writes an empty map as []
             try:
                 registration = validate_registration(
                     dict(fields, domain=domain, session_name=name), domains)

@@ -1,0 +1,160 @@
+"""``lmgateway stats | cleanup | import | export``: the PHP gateway's maintenance, and more."""
+
+import io
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import bin_path
+from lmarena_gateway.cli import main
+from lmarena_gateway.sessions import SessionRecord, iso
+from lmarena_gateway.store import SessionFile
+
+PHP_FILE = Path(__file__).parent / "data" / "php-sessions.json"
+
+
+def run(*argv, environ=None):
+    out = io.StringIO()
+    try:
+        code = main(list(argv), environ=environ or {}, out=out)
+    except SystemExit as e:
+        return e.code, out.getvalue()
+    return code, out.getvalue()
+
+
+@pytest.fixture
+def storage(tmp_path):
+    (tmp_path / "store").mkdir()
+    return str(tmp_path / "store" / "sessions.sqlite3")
+
+
+def test_import_of_a_php_file(storage):
+    code, output = run("import", str(PHP_FILE), "--storage", storage)
+    assert code == 1  # something was skipped
+    assert "imported 3, skipped 4" in output
+    for reason in ("lmarena.ai/bad name!: INVALID_SESSION_NAME", "lmarena.ai/injector: INVALID_BRIDGE_API_KEY",
+                   "canary.lmarena.ai/not-a-uuid: INVALID_UUID", "evil.example.com/x: INVALID_DOMAIN"):
+        assert f"skipped {reason}" in output
+    records, _ = SessionFile(storage).load()
+    assert sorted(records) == ["canary.lmarena.ai/team-alpha", "lmarena.ai/team-alpha", "lmarena.ai/team-b"]
+    alpha = records["lmarena.ai/team-alpha"]
+    assert alpha.session_id == "12345678-1234-1234-1234-123456789abc"
+    assert alpha.bridge_base_url == "http://custom-bridge:5102"
+    assert alpha.bridge_api_key == "team-alpha-key"
+    assert alpha.models == {"gpt-4": "claude-3-5-sonnet-20241022"}
+    assert iso(alpha.created_at) == "2024-01-15T10:30:00Z"
+    assert iso(alpha.updated_at) == "2024-02-01T08:00:00Z"
+    assert records["lmarena.ai/team-b"].models == {}
+    assert records["canary.lmarena.ai/team-alpha"].bridge_base_url is None
+
+
+def test_import_is_idempotent(storage):
+    run("import", str(PHP_FILE), "--storage", storage)
+    first = SessionFile(storage).load()[0]
+    code, output = run("import", str(PHP_FILE), "--storage", storage)
+    assert "imported 3, skipped 4" in output
+    assert SessionFile(storage).load()[0] == first
+
+
+def test_clean_import_exits_0(storage, tmp_path):
+    data = json.loads(PHP_FILE.read_text())
+    data["domains"]["lmarena.ai"] = {k: v for k, v in data["domains"]["lmarena.ai"].items()
+                                     if k in ("team-alpha", "team-b")}
+    del data["domains"]["canary.lmarena.ai"]["not-a-uuid"]
+    del data["domains"]["evil.example.com"]
+    clean = tmp_path / "clean.json"
+    clean.write_text(json.dumps(data))
+    assert run("import", str(clean), "--storage", storage) == (0, "imported 3, skipped 0\n")
+
+
+def test_export_import_round_trip(storage, tmp_path):
+    run("import", str(PHP_FILE), "--storage", storage)
+    code, exported = run("export", "--storage", storage)
+    assert code == 0
+    data = json.loads(exported)
+    assert set(data) == {"domains", "created_at"}
+    assert data["domains"]["lmarena.ai"]["team-alpha"]["bridge_api_key"] == "team-alpha-key"
+    dump = tmp_path / "dump.json"
+    dump.write_text(exported)
+    other = str(tmp_path / "other.sqlite3")
+    assert run("import", str(dump), "--storage", other) == (0, "imported 3, skipped 0\n")
+    assert SessionFile(other).load()[0] == SessionFile(storage).load()[0]
+
+
+def test_stats(storage):
+    run("import", str(PHP_FILE), "--storage", storage)
+    code, output = run("stats", "--storage", storage)
+    assert code == 0
+    lines = dict(line.split("\t", 1) for line in output.splitlines())
+    assert lines["lmarena.ai"] == "2" and lines["canary.lmarena.ai"] == "1" and lines["total"] == "3"
+    assert "backend sqlite-dbm" in lines["store"]
+
+
+def put(storage, name, days_idle, domain="lmarena.ai"):
+    when = time.time() - days_idle * 86400
+    file = SessionFile(storage)
+    file.put(SessionRecord(domain, name, "12345678-1234-1234-1234-123456789abc",
+                           "87654321-4321-4321-4321-cba987654321", created_at=when, updated_at=when))
+    file.close()
+
+
+def test_cleanup(storage):
+    SessionFile(storage).close()
+    put(storage, "old", 40)
+    put(storage, "new", 5)
+    put(storage, "old", 12, domain="beta.lmarena.ai")
+    code, output = run("cleanup", "10", "--storage", storage)
+    assert code == 0
+    assert "lmarena.ai\t1 removed" in output and "beta.lmarena.ai\t1 removed" in output
+    assert "removed 2 sessions" in output
+    assert list(SessionFile(storage).load()[0]) == ["lmarena.ai/new"]
+
+
+def test_cleanup_defaults_to_the_configured_days(storage):
+    SessionFile(storage).close()
+    put(storage, "a", 40)
+    put(storage, "b", 20)
+    code, output = run("cleanup", "--storage", storage)  # default 30 days
+    assert "removed 1 sessions" in output
+    code, output = run("cleanup", "--storage", storage, environ={"GATEWAY_SESSION_CLEANUP_DAYS": "7"})
+    assert "removed 1 sessions" in output
+    assert not SessionFile(storage).load()[0]
+
+
+def test_cleanup_0_only_prints_stats(storage):
+    SessionFile(storage).close()
+    put(storage, "ancient", 4000)
+    code, output = run("cleanup", "0", "--storage", storage)
+    assert code == 0 and "total\t1" in output
+    assert list(SessionFile(storage).load()[0]) == ["lmarena.ai/ancient"]
+
+
+@pytest.mark.parametrize("command", [["stats"], ["export"], ["cleanup", "1"]])
+def test_missing_store_is_a_clear_error(tmp_path, command):
+    result = subprocess.run([bin_path("lmgateway"), *command, "--storage", str(tmp_path / "none.sqlite3")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "no session store at" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "none.sqlite3").exists()
+
+
+def test_unreadable_store_is_a_clear_error(tmp_path):
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_bytes(b"garbage" * 1000)
+    result = subprocess.run([bin_path("lmgateway"), "stats", "--storage", str(junk)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "cannot open the session store" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreadable_import_file(storage, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    code, _ = run("import", str(bad), "--storage", storage)
+    assert code not in (0, None) and "bad.json" in str(code)
+    code, _ = run("import", str(tmp_path / "missing.json"), "--storage", storage)
+    assert "cannot read" in str(code)
