@@ -120,7 +120,9 @@ class Gateway:
 
     @app.route("/userscript/generate", methods=["GET"])
     def userscript(self, request):
-        raise ApiError(501, "NOT_IMPLEMENTED", "the userscript generator is being built")
+        from .userscript import serve
+
+        return serve(request, self.config)
 
     # --- the OpenAI-compatible API ---
 

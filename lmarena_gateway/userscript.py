@@ -1,0 +1,294 @@
+"""The Tampermonkey userscript that registers a browser's LMArena ids with this gateway.
+
+Everything a request or the configuration puts into the script is either checked against
+a strict pattern (metadata lines) or embedded as an escaped JSON literal (the code), so no
+Host header, parameter or setting can add a metadata line or a line of script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from urllib.parse import urlsplit
+
+from .errors import ApiError
+from .sessions import SESSION_NAME, check_session_name
+
+# Bump when the script's code changes shape; @version is "<this>.<hash of the text>".
+TEMPLATE_REVISION = 1
+NAMESPACE = "lmarena-gateway"
+VERSION_MARK = "@@VERSION@@"
+
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]{{2,45}}\])"
+HOST_PORT = re.compile(rf"^({_HOST})(?::([0-9]{{1,5}}))?$")
+# RFC 3986 path characters only: no space, quote, angle bracket, "?", "#" or control.
+_PATH = r"(?:/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?"
+GATEWAY_URL = re.compile(rf"^https?://{_HOST}(?::[0-9]{{1,5}})?{_PATH}$")
+DOMAIN = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+
+
+def js_literal(value) -> str:
+    """A JSON literal that is also safe inside HTML and old JavaScript parsers."""
+    text = json.dumps(value, ensure_ascii=True)  # U+2028/2029 and all non-ASCII become \\uXXXX
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def check_gateway_url(url: str) -> str:
+    """The URL the script posts to; raises ValueError unless it is a plain http(s) URL."""
+    if not isinstance(url, str) or not GATEWAY_URL.match(url):
+        raise ValueError(f"{url!r} is not a plain http(s) URL of printable characters")
+    port = urlsplit(url).port  # raises ValueError above 65535
+    if port == 0:
+        raise ValueError(f"{url!r} has port 0")
+    return url.rstrip("/")
+
+
+def check_host(value: str, source: str) -> str:
+    """A ``host[:port]`` header value, lowercased; 400 INVALID_HOST otherwise."""
+    match = HOST_PORT.match(value)
+    if not match or (match.group(2) and not 0 < int(match.group(2)) < 65536):
+        raise ApiError(400, "INVALID_HOST",
+                       f"{source} is not a valid host[:port]; "
+                       "the gateway's URL can be set with --public-url")
+    return value.lower()
+
+
+def _first(request, name: bytes) -> str | None:
+    """The first value of a (possibly comma-joined) header set by proxies."""
+    raw = request.getHeader(name)
+    if raw is None:
+        return None
+    return raw.decode("latin-1").split(",")[0].strip()
+
+
+def gateway_url_for(request, config) -> str:
+    """Where browsers reach this gateway: --public-url, else the request's own address.
+
+    X-Forwarded-Proto/-Host are honoured only with --trust-proxy-headers: any client can
+    send them, and the script would otherwise post session ids wherever they point.
+    """
+    if config.public_url:
+        try:
+            return check_gateway_url(config.public_url)
+        except ValueError as e:
+            raise ApiError(500, "INVALID_PUBLIC_URL", f"--public-url: {e}",
+                           "server_error") from None
+    scheme = "https" if request.isSecure() else "http"
+    host, source = None, "the Host header"
+    if config.trust_proxy_headers:
+        proto = _first(request, b"x-forwarded-proto")
+        if proto is not None:
+            if proto.lower() not in ("http", "https"):
+                raise ApiError(400, "INVALID_FORWARDED_PROTO",
+                               "X-Forwarded-Proto must be http or https")
+            scheme = proto.lower()
+        host = _first(request, b"x-forwarded-host")
+        source = "X-Forwarded-Host"
+    if host is None:
+        raw = request.getHeader(b"host")
+        source = "the Host header"
+        if raw is None:  # HTTP/1.0 without Host: the address we were reached on
+            address = request.getHost()
+            name = f"[{address.host}]" if ":" in address.host else address.host
+            raw = f"{name}:{address.port}".encode()
+        host = raw.decode("latin-1")
+    return f"{scheme}://{check_host(host, source)}"
+
+
+def _metadata(session_name: str, gateway_url: str, domains: tuple[str, ...]) -> list[str]:
+    update = f"{gateway_url}/userscript/generate?session_name={session_name}"
+    connect = urlsplit(gateway_url).hostname
+    lines = [
+        "// ==UserScript==",
+        f"// @name         LMArena registrar: {session_name}",
+        f"// @namespace    {NAMESPACE}",
+        f"// @version      {VERSION_MARK}",
+        f"// @description  Registers this browser's LMArena session with the gateway "
+        f"as {session_name}",
+    ]
+    lines += [f"// @match        https://{domain}/*" for domain in domains]
+    lines += [
+        "// @run-at       document-start",
+        "// @noframes",
+        "// @grant        GM_xmlhttpRequest",
+        "// @grant        unsafeWindow",
+        f"// @connect      {connect}",
+        f"// @updateURL    {update}",
+        f"// @downloadURL  {update}",
+        "// ==/UserScript==",
+    ]
+    return lines
+
+
+def render_script(*, session_name: str, gateway_url: str, domains: tuple[str, ...],
+                  registration_token: str | None = None) -> str:
+    """The userscript text; raises ValueError for a value that could break its metadata."""
+    if not isinstance(session_name, str) or not SESSION_NAME.match(session_name):
+        raise ValueError(f"{session_name!r} is not a session name")
+    gateway_url = check_gateway_url(gateway_url)
+    domains = tuple(d.lower() if isinstance(d, str) else d for d in domains)
+    for domain in domains:
+        if not isinstance(domain, str) or not DOMAIN.match(domain):
+            raise ValueError(f"{domain!r} is not a host name")
+    if registration_token is not None and not isinstance(registration_token, str):
+        raise ValueError("registration_token must be a string")
+    settings = "\n".join([
+        f"  var SESSION_NAME = {js_literal(session_name)};",
+        f"  var GATEWAY_URL = {js_literal(gateway_url)};",
+        f"  var DOMAINS = {js_literal(list(domains))};",
+        f"  var REGISTRATION_TOKEN = {js_literal(registration_token)};",
+    ])
+    text = "\n".join(_metadata(session_name, gateway_url, domains)) + "\n\n" \
+        + _BODY.replace("/*SETTINGS*/", settings)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return text.replace(VERSION_MARK, f"{TEMPLATE_REVISION}.{int(digest[:8], 16)}", 1)
+
+
+def serve(request, config) -> bytes:
+    """GET /userscript/generate?session_name=NAME: the script as a download."""
+    raw = request.args.get(b"session_name", [b""])[0].decode("utf-8", "replace")
+    name = check_session_name(raw)
+    gateway_url = gateway_url_for(request, config)
+    try:
+        text = render_script(session_name=name, gateway_url=gateway_url, domains=config.domains)
+    except ValueError as e:
+        raise ApiError(500, "INVALID_CONFIG", f"cannot build the userscript: {e}",
+                       "server_error") from None
+    request.setResponseCode(200)
+    request.setHeader(b"Content-Type", b"text/javascript; charset=utf-8")
+    request.setHeader(b"Content-Disposition",
+                      f'attachment; filename="lmarena-registrar-{name}.user.js"'.encode())
+    request.setHeader(b"Cache-Control", b"no-store")
+    request.setHeader(b"X-Content-Type-Options", b"nosniff")
+    return text.encode("utf-8")
+
+
+# The script's code. Rules it keeps: the page's own request always goes ahead untouched
+# (the hooks only look, inside try/catch, and never wait); nothing runs on hosts other
+# than the configured domains; one post per (domain, session id, message id) unless it failed.
+_BODY = r"""(function () {
+  "use strict";
+/*SETTINGS*/
+  var TAG = "[lmarena-registrar]";
+  var UUID = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}";
+  var RETRY = new RegExp("^/(?:nextjs-api|api)/stream/retry-evaluation-session-message/(" +
+                         UUID + ")/messages/(" + UUID + ")/?$");
+  var page = (typeof unsafeWindow !== "undefined" && unsafeWindow) ? unsafeWindow : window;
+  var domain = String(page.location.hostname || "").toLowerCase();
+  if (DOMAINS.indexOf(domain) < 0) {
+    return;
+  }
+  var gm = typeof GM_xmlhttpRequest === "function" ? GM_xmlhttpRequest : null;
+  var pageFetch = typeof page.fetch === "function" ? page.fetch : null;
+  var posted = Object.create(null);
+  var markTimer = null;
+
+  function idsOf(target) {
+    var raw = (target && typeof target === "object" && typeof target.url === "string")
+      ? target.url : String(target);
+    var match = RETRY.exec(new URL(raw, page.location.href).pathname);
+    return match ? [match[1].toLowerCase(), match[2].toLowerCase()] : null;
+  }
+
+  function mark(ok, text) {
+    var doc = page.document;
+    var show = function () {
+      var old = doc.getElementById("lmarena-registrar-mark");
+      if (old) { old.remove(); }
+      var el = doc.createElement("div");
+      el.id = "lmarena-registrar-mark";
+      el.setAttribute("data-outcome", ok ? "ok" : "error");
+      el.setAttribute("role", "status");
+      el.textContent = (ok ? "\u2713 " : "\u2717 ") + text;
+      el.style.cssText = "position:fixed;right:12px;bottom:12px;z-index:2147483647;" +
+        "max-width:420px;padding:6px 10px;border-radius:6px;pointer-events:none;" +
+        "font:12px/1.4 system-ui,sans-serif;color:#fff;opacity:.92;background:" +
+        (ok ? "#15803d" : "#b91c1c");
+      (doc.body || doc.documentElement).appendChild(el);
+      if (markTimer) { clearTimeout(markTimer); }
+      markTimer = setTimeout(function () { el.remove(); }, ok ? 4000 : 10000);
+    };
+    if (doc.body || doc.documentElement) { show(); }
+    else { doc.addEventListener("DOMContentLoaded", show); }
+  }
+
+  function finish(key, ids, status, text) {
+    if (status >= 200 && status < 300) {
+      console.log(TAG, "registered session \"" + SESSION_NAME + "\" for " + domain +
+                  " (session " + ids[0] + ", message " + ids[1] + ")");
+      mark(true, "LMArena session registered as " + SESSION_NAME);
+      return;
+    }
+    delete posted[key];  // a failed registration may be tried again on the next retry
+    var reason = status ? "HTTP " + status : "the gateway could not be reached";
+    try {
+      var body = JSON.parse(text);
+      if (body && body.error && body.error.message) { reason = String(body.error.message); }
+    } catch (e) { /* not JSON: keep the status */ }
+    console.warn(TAG, "registration as \"" + SESSION_NAME + "\" failed: " + reason);
+    mark(false, "LMArena registration failed: " + reason);
+  }
+
+  function register(ids) {
+    var key = domain + " " + ids[0] + " " + ids[1];
+    if (posted[key]) { return; }
+    posted[key] = true;
+    var body = {domain: domain, session_name: SESSION_NAME, session_id: ids[0],
+                message_id: ids[1]};
+    if (REGISTRATION_TOKEN !== null) { body.registration_token = REGISTRATION_TOKEN; }
+    var url = GATEWAY_URL + "/session/register";
+    var payload = JSON.stringify(body);
+    var done = function (status, text) { finish(key, ids, status, text); };
+    if (gm) {
+      gm({method: "POST", url: url, data: payload, timeout: 20000,
+          headers: {"Content-Type": "application/json"},
+          onload: function (r) { done(r.status, r.responseText); },
+          onerror: function () { done(0, ""); },
+          ontimeout: function () { done(0, ""); }});
+      return;
+    }
+    if (!pageFetch) {
+      done(0, "");
+      return;
+    }
+    pageFetch.call(page, url, {method: "POST", mode: "cors", credentials: "omit",
+                               headers: {"Content-Type": "application/json"}, body: payload})
+      .then(function (r) { return r.text().then(function (t) { done(r.status, t); }); })
+      .catch(function () { done(0, ""); });
+  }
+
+  function look(target) {
+    try {
+      var ids = idsOf(target);
+      if (ids) { register(ids); }
+    } catch (e) {
+      console.warn(TAG, "could not read a request:", e);
+    }
+  }
+
+  function install(owner, name, fn) {
+    if (typeof exportFunction === "function" && page !== window) {
+      exportFunction(fn, owner, {defineAs: name});  // Firefox sandboxes
+    } else {
+      owner[name] = fn;
+    }
+  }
+
+  if (pageFetch) {
+    install(page, "fetch", function fetch(input, init) {
+      look(input);
+      return pageFetch.apply(this, arguments);
+    });
+  }
+  var xhr = page.XMLHttpRequest && page.XMLHttpRequest.prototype;
+  if (xhr && typeof xhr.open === "function") {
+    var pageOpen = xhr.open;
+    install(xhr, "open", function open(method, url) {
+      look(url);
+      return pageOpen.apply(this, arguments);
+    });
+  }
+})();
+"""
