@@ -129,6 +129,8 @@ class _Relay(Protocol):
         self._ping = None
 
     def connectionMade(self) -> None:
+        if self.sse:
+            self.request.write(b"")  # send our headers now: clients wait for them
         self.request.registerProducer(self.transport, True)
         self._idle = self.clock.callLater(self.idle_timeout, self._idle_expired)
         if self.keepalive:

@@ -1,0 +1,70 @@
+"""Bridges that tests steer by hand: hold a stream, write one chunk, die, or answer an error."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.protocol import Protocol
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+
+class HeldBridge(Resource):
+    """Every request is parked in ``arrivals`` for the test to answer."""
+
+    isLeaf = True
+
+    def __init__(self, status: int = 200, content_type: bytes = b"text/event-stream") -> None:
+        super().__init__()
+        self.status = status
+        self.content_type = content_type
+        self.arrivals: DeferredQueue = DeferredQueue()
+
+    def render(self, request):
+        request.body = request.content.read()
+        request.gone = Deferred()
+        # fires True when the connection was lost before the response finished
+        request.notifyFinish().addBoth(lambda result: request.gone.callback(result is not None))
+        request.setResponseCode(self.status)
+        request.setHeader(b"Content-Type", self.content_type)
+        # send the headers now, as uvicorn does for a streaming response
+        request.write(b"")
+        self.arrivals.put(request)
+        return NOT_DONE_YET
+
+
+class ErrorBridge(Resource):
+    isLeaf = True
+
+    def __init__(self, status: int, body) -> None:
+        super().__init__()
+        self.status = status
+        self.body = body if isinstance(body, bytes) else json.dumps(body).encode()
+
+    def render(self, request):
+        request.setResponseCode(self.status)
+        request.setHeader(b"Content-Type", b"application/json")
+        return self.body
+
+
+class ChunkCollector(Protocol):
+    """A client-side body reader that hands over each chunk as it arrives."""
+
+    def __init__(self) -> None:
+        self.chunks: DeferredQueue = DeferredQueue()
+        self.received = b""
+        self.done: Deferred = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        self.chunks.put(data)
+
+    def connectionLost(self, reason) -> None:
+        self.done.callback(reason.value)
+
+
+def event(content: str) -> bytes:
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
