@@ -1,0 +1,123 @@
+"""The official openai SDK, unchanged, against a real gateway in front of a real bridge socket.
+
+The SDK is synchronous: each call runs in a thread while the reactor serves it.
+"""
+
+import openai
+import pytest
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+
+from bridges import ErrorBridge, HeldBridge, event
+from conftest import SESSION, call, free_port
+from lmarena_gateway.fakebridge import TEXT
+
+MESSAGES = [{"role": "user", "content": "Hello!"}]
+
+
+async def sdk_for(gateway_factory, session_name="team-alpha", **config):
+    gw = await gateway_factory(**config)
+    await call("POST", gw.url + "/session/register",
+               dict(SESSION, session_name=session_name, models={"gpt-4": "fake-model"}))
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-anything", max_retries=0,
+                           timeout=20, default_headers={"X-Session-Name": session_name,
+                                                        "X-Target-Domain": "lmarena.ai"})
+    return gw, client
+
+
+@pytest_twisted.ensureDeferred
+async def test_models_list(gateway_factory):
+    gw, client = await sdk_for(gateway_factory)
+    models = await deferToThread(lambda: [m.id for m in client.models.list()])
+    assert "fake-model" in models and "gpt-4" in models
+
+
+@pytest_twisted.ensureDeferred
+async def test_chat_without_stream(gateway_factory):
+    gw, client = await sdk_for(gateway_factory)
+    completion = await deferToThread(client.chat.completions.create, model="gpt-4", messages=MESSAGES)
+    assert completion.choices[0].message.content == TEXT
+    assert completion.model == "fake-model"  # the alias reached the bridge as its target
+    assert gw.bridge.seen[-1]["body"]["model"] == "fake-model"
+
+
+@pytest_twisted.ensureDeferred
+async def test_chat_streamed(gateway_factory):
+    gw, client = await sdk_for(gateway_factory)
+
+    def stream():
+        deltas = []
+        for chunk in client.chat.completions.create(model="gpt-4", messages=MESSAGES, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                deltas.append(chunk.choices[0].delta.content)
+        return deltas
+
+    deltas = await deferToThread(stream)
+    assert len(deltas) > 1
+    assert "".join(deltas) == TEXT
+
+
+@pytest_twisted.ensureDeferred
+async def test_images(gateway_factory):
+    gw, client = await sdk_for(gateway_factory)
+    result = await deferToThread(client.images.generate, model="gpt-4", prompt="a red fox")
+    assert result.data[0].url.endswith(".png")
+    assert gw.bridge.seen[-1]["body"]["model"] == "fake-model"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_session_is_not_found(gateway_factory):
+    gw, client = await sdk_for(gateway_factory)
+    other = client.with_options(default_headers={"X-Session-Name": "nobody"})
+    with pytest.raises(openai.NotFoundError) as caught:
+        await deferToThread(other.chat.completions.create, model="m", messages=MESSAGES)
+    assert caught.value.code == "SESSION_NOT_FOUND"
+    assert "/session/register" in caught.value.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_request(gateway_factory):
+    gw, client = await sdk_for(gateway_factory)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await deferToThread(client.chat.completions.create, model="m", messages=[])
+    assert caught.value.code == "INVALID_REQUEST"
+
+
+@pytest_twisted.ensureDeferred
+async def test_bridge_not_ready_on_a_stream(gateway_factory, listen):
+    bridge = ErrorBridge(503, {"detail": "Browser client not connected"})
+    gw, client = await sdk_for(gateway_factory, bridge_url=await listen(bridge))
+    with pytest.raises(openai.InternalServerError) as caught:
+        await deferToThread(lambda: list(client.chat.completions.create(
+            model="m", messages=MESSAGES, stream=True)))
+    assert caught.value.status_code == 503
+    assert caught.value.code == "BRIDGE_NOT_READY"
+    assert "Browser client not connected" in caught.value.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_bridge_unreachable(gateway_factory):
+    gw, client = await sdk_for(gateway_factory, bridge_url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(openai.InternalServerError) as caught:
+        await deferToThread(client.chat.completions.create, model="m", messages=MESSAGES)
+    assert caught.value.status_code == 502 and caught.value.code == "BRIDGE_UNAVAILABLE"
+
+
+@pytest_twisted.ensureDeferred
+async def test_bridge_lost_mid_stream_raises_in_the_sdk(gateway_factory, listen):
+    bridge = HeldBridge()
+    gw, client = await sdk_for(gateway_factory, bridge_url=await listen(bridge))
+    received = []
+
+    def stream():
+        for chunk in client.chat.completions.create(model="m", messages=MESSAGES, stream=True):
+            received.append(chunk.choices[0].delta.content)
+
+    streaming = deferToThread(stream)
+    held = await bridge.arrivals.get()
+    held.write(event("partial"))
+    held.channel.transport.loseConnection()
+    with pytest.raises(openai.APIError) as caught:
+        await streaming
+    assert received == ["partial"]
+    assert caught.value.body["code"] == "BRIDGE_STREAM_LOST"
