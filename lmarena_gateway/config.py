@@ -79,6 +79,10 @@ def _parse_listen(value: str | tuple[str, ...]) -> tuple[str, ...]:
             # Parsing builds endpoint objects without listening; no reactor is used.
             serverFromString(None, description)
         except Exception as e:  # the parsers raise many kinds of error
+            if isinstance(e, LookupError) and description.startswith("systemd:"):
+                # Twisted looks name/index up among the sockets inherited from systemd.
+                raise ValueError(f"{description!r}: systemd handed over no such socket "
+                                 "(is its .socket unit running?)") from None
             raise ValueError(f"{description!r} is not a valid endpoint: {e}") from None
     return endpoints
 
