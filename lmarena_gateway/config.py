@@ -34,6 +34,7 @@ class GatewayConfig:
     bridge_url: str = "http://127.0.0.1:5102"
     bridge_api_key: str | None = field(default=None, repr=False)
     storage: str = DEFAULT_STORAGE
+    redis_prefix: str = "lmgw:"
     cleanup_days: float = 30.0
     cleanup_interval: float = 3600.0
     domains: tuple[str, ...] = DEFAULT_DOMAINS
@@ -144,6 +145,10 @@ def _parse_storage(value: str) -> str:
     if not value:
         raise ValueError("an empty path")
     if "://" in value:
+        if value.startswith(("redis://", "rediss://", "unix://")):
+            from .redis_sessions import parse_address
+
+            parse_address(value)  # a bad Redis URL is a one-line error, not a traceback
         return value  # a server URL; the store that owns the scheme checks it
     directory = os.path.dirname(os.path.abspath(value))
     try:
@@ -156,6 +161,12 @@ def _parse_storage(value: str) -> str:
         raise ValueError(f"{value!r} is a directory, not a file")
     if os.path.exists(value) and not os.access(value, os.R_OK | os.W_OK):
         raise ValueError(f"{value!r} is not readable and writable")
+    return value
+
+
+def _parse_redis_prefix(value: str) -> str:
+    if not re.fullmatch(r"[\x21-\x7e]{1,64}", value):
+        raise ValueError("must be 1-64 printable ASCII characters without spaces")
     return value
 
 
@@ -196,6 +207,8 @@ SETTINGS = (
     Setting("bridge_api_key", "bridge-api-key", "LMARENA_BRIDGE_API_KEY", _parse_key,
             "API key for the default bridge"),
     Setting("storage", "storage", "STORAGE_PATH", _parse_storage, "Session store file"),
+    Setting("redis_prefix", "redis-prefix", "GATEWAY_REDIS_PREFIX", _parse_redis_prefix,
+            "Prefix of the Redis keys when --storage is a redis:// URL"),
     Setting("cleanup_days", "cleanup-days", "GATEWAY_SESSION_CLEANUP_DAYS", _parse_nonneg,
             "Prune sessions idle this many days (0: never)"),
     Setting("cleanup_interval", "cleanup-interval", "GATEWAY_CLEANUP_INTERVAL", _parse_positive,

@@ -1,0 +1,374 @@
+"""Redis for the session store: the address, the key layout, the Lua scripts, the commands.
+
+Keys under the prefix (default ``lmgw:``); README "Several instances" explains them:
+
+- ``{prefix}sessions``: hash, ``domain/name`` -> the record's JSON (the file store's JSON);
+- ``{prefix}activity``: sorted set, ``domain/name`` scored by last activity (pruning);
+- ``{prefix}rev``: a counter every change increments, so changes have an order;
+- ``{prefix}changes:{db}``: pub/sub channel, one ``rev\\nkey\\nJSON`` message per change
+  (empty JSON: deleted). Channels ignore db numbers, hence the db in the name.
+
+Every change is one Lua script: atomic, and announced in the same step. The daemon's
+store (redis_store) and the CLI (:class:`RedisSessionFile`) share these commands.
+"""
+
+from __future__ import annotations
+
+import threading
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import txredisapi
+from attrs import field, frozen
+from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
+from twisted.internet.error import TimeoutError as TwistedTimeout
+
+from .errors import ApiError
+from .sessions import Registration, SessionRecord, iso, record_is_valid, session_key
+from .store import SessionFile
+
+SCHEMES = ("redis://", "rediss://", "unix://")
+BATCH = 500
+REDIS_ERRORS = (txredisapi.RedisError, CancelledError, TwistedTimeout, ConnectionError)
+
+# KEYS: sessions hash, activity zset, rev counter. ARGV[1]: the channel.
+_ANNOUNCE = """
+local function announce(field, value)
+  local rev = redis.call('INCR', KEYS[3])
+  redis.call('PUBLISH', ARGV[1], rev .. '\\n' .. field .. '\\n' .. value)
+  return rev
+end
+local function raise_score(field, score)
+  local current = redis.call('ZSCORE', KEYS[2], field)
+  if (not current) or tonumber(current) < score then
+    redis.call('ZADD', KEYS[2], score, field)
+  end
+end
+"""
+# ARGV: field, new record JSON, now. An update keeps created_at and last_used_at.
+UPSERT = _ANNOUNCE + """
+local value = ARGV[3]
+local old = redis.call('HGET', KEYS[1], ARGV[2])
+if old then
+  local ok, was = pcall(cjson.decode, old)
+  if ok and type(was) == 'table' then
+    local new = cjson.decode(value)
+    new.created_at = was.created_at
+    new.last_used_at = was.last_used_at
+    value = cjson.encode(new)
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[2], value)
+raise_score(ARGV[2], tonumber(ARGV[4]))
+return {announce(ARGV[2], value), value}
+"""
+# ARGV: field, record JSON, last activity: the record exactly as given (import).
+PUT = _ANNOUNCE + """
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[2], tonumber(ARGV[4]), ARGV[2])
+return announce(ARGV[2], ARGV[3])
+"""
+# ARGV: field. Returns the change's rev, or 0 when there was no such session.
+DELETE = _ANNOUNCE + """
+redis.call('ZREM', KEYS[2], ARGV[2])
+if redis.call('HDEL', KEYS[1], ARGV[2]) == 0 then return 0 end
+return announce(ARGV[2], '')
+"""
+# ARGV: (field, ISO time, epoch time)...; only ever moves last_used_at forward.
+TOUCH = _ANNOUNCE + """
+local changed = 0
+for i = 2, #ARGV, 3 do
+  local old = redis.call('HGET', KEYS[1], ARGV[i])
+  local ok, record = false, nil
+  if old then ok, record = pcall(cjson.decode, old) end
+  if ok and type(record) == 'table'
+      and (type(record.last_used_at) ~= 'string' or record.last_used_at < ARGV[i + 1]) then
+    record.last_used_at = ARGV[i + 1]
+    local value = cjson.encode(record)
+    redis.call('HSET', KEYS[1], ARGV[i], value)
+    raise_score(ARGV[i], tonumber(ARGV[i + 2]))
+    announce(ARGV[i], value)
+    changed = changed + 1
+  end
+end
+return changed
+"""
+# ARGV: cutoff, candidate fields... Removes those still idle since before the cutoff,
+# so instances pruning at once each remove a session at most once between them.
+PRUNE = _ANNOUNCE + """
+local removed = {}
+local cutoff = tonumber(ARGV[2])
+for i = 3, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[2], ARGV[i])
+  if score and tonumber(score) < cutoff then
+    redis.call('ZREM', KEYS[2], ARGV[i])
+    local old = redis.call('HGET', KEYS[1], ARGV[i])
+    if old then
+      redis.call('HDEL', KEYS[1], ARGV[i])
+      removed[#removed + 1] = announce(ARGV[i], '')
+      removed[#removed + 1] = old
+    end
+  end
+end
+return removed
+"""
+
+
+@frozen
+class RedisAddress:
+    """Where the Redis server is: ``redis://``, ``rediss://`` (TLS) or ``unix://``."""
+
+    scheme: str
+    host: str | None = None
+    port: int = 6379
+    path: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def display(self) -> str:
+        """The address without the password, for logs, stats and /health."""
+        where = self.path if self.path else f"{self.host}:{self.port}"
+        return f"{self.scheme}://{where}/{self.db}"
+
+    def endpoint(self, reactor, timeout: float):
+        if self.path:
+            return UNIXClientEndpoint(reactor, self.path, timeout=timeout)
+        endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
+        if self.scheme == "rediss":
+            from twisted.internet.ssl import optionsForClientTLS
+
+            endpoint = wrapClientTLS(optionsForClientTLS(self.host), endpoint)
+        return endpoint
+
+
+def parse_address(url: str) -> RedisAddress:
+    """``redis://[[user]:password@]host[:port][/db]``, ``unix://[...@]/path[?db=N]``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"{url!r} is not a redis://, rediss:// or unix:// URL")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    if set(query) - {"db"} or parts.fragment:
+        raise ValueError("the only query parameter a Redis URL takes is db")
+    db = query.get("db", [""])[-1]
+    common = {"username": unquote(parts.username) if parts.username else None,
+              "password": unquote(parts.password) if parts.password else None}
+    if parts.scheme == "unix":
+        path = unquote(parts.path)
+        if not path.startswith("/"):
+            raise ValueError("a unix:// URL needs an absolute socket path: unix:///run/redis.sock")
+        address = {"path": path}
+    else:
+        if not parts.hostname:
+            raise ValueError(f"{url!r} names no host")
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            raise ValueError(f"{url!r} has an invalid port") from None
+        address = {"host": parts.hostname, "port": port}
+        db = parts.path.strip("/") or db
+    if not (db or "0").isdigit():
+        raise ValueError(f"the Redis database must be a number, not {db!r}")
+    return RedisAddress(parts.scheme, db=int(db or 0), **address, **common)
+
+
+def encode(record: SessionRecord) -> tuple[str, str]:
+    """(field, JSON): exactly what the file store writes, so both hold the same records."""
+    key, value = SessionFile._encode(record)
+    return key.decode(), value.decode()
+
+
+def decode(value: str) -> SessionRecord:
+    return SessionFile._decode(b"", value.encode())
+
+
+def unavailable(why: str) -> ApiError:
+    return ApiError(503, "STORAGE_UNAVAILABLE",
+                    f"the session store (Redis) is unavailable: {why}", "server_error")
+
+
+class RedisSessions:
+    """The store's commands over one txredisapi connection pool, for the daemon and the CLI."""
+
+    def __init__(self, factory, address: RedisAddress, prefix: str, timeout: float,
+                 clock) -> None:
+        self.factory = factory
+        self.redis = factory.handler
+        self.timeout = timeout
+        self.clock = clock
+        self.keys = [prefix + "sessions", prefix + "activity", prefix + "rev"]
+        self.channel = f"{prefix}changes:{address.db}"
+
+    @property
+    def connected(self) -> bool:
+        return self.factory.size > 0
+
+    def _call(self, method: str, *args) -> Deferred:
+        """Fails at once while disconnected: a caller must never wait on a reconnection."""
+        if not self.connected:
+            return fail(unavailable("not connected"))
+        d = getattr(self.redis, method)(*args)
+        d.addTimeout(self.timeout + 1, self.clock)
+
+        def failed(failure):
+            failure.trap(*REDIS_ERRORS)
+            raise unavailable(failure.getErrorMessage() or failure.type.__name__)
+
+        return d.addErrback(failed)
+
+    def command(self, *args) -> Deferred:
+        return self._call("execute_command", *args)
+
+    def script(self, source: str, *args) -> Deferred:
+        return self._call("eval", source, self.keys, [self.channel, *args])
+
+    def upsert(self, registration: Registration, now: float) -> Deferred:
+        record = registration.record(now, None)
+        key, value = encode(record)
+        return self.script(UPSERT, key, value, repr(record.last_activity)).addCallback(
+            lambda reply: (int(reply[0]), decode(reply[1])))
+
+    def put(self, record: SessionRecord) -> Deferred:
+        key, value = encode(record)
+        return self.script(PUT, key, value, repr(record.last_activity))
+
+    def delete(self, domain: str, name: str) -> Deferred:
+        return self.script(DELETE, session_key(domain, name)).addCallback(int)
+
+    def touch(self, uses: dict[str, float]) -> Deferred:
+        args = []
+        for key, when in uses.items():
+            args += [key, iso(when), repr(float(when))]
+        return self.script(TOUCH, *args)
+
+    @inlineCallbacks
+    def prune(self, cutoff: float, keys: list[str] | None = None):
+        """[(rev, record)] removed; ``keys`` None: every session idle since before ``cutoff``."""
+        removed = []
+        for start in range(0, 1 << 30, BATCH):  # bounded: each round shrinks the candidates
+            if keys is None:
+                batch = yield self.command("ZRANGEBYSCORE", self.keys[1], "-inf",
+                                           f"({cutoff!r}", "LIMIT", 0, BATCH)
+            else:
+                batch = keys[start:start + BATCH]
+            if not batch:
+                break
+            reply = yield self.script(PRUNE, repr(cutoff), *batch)
+            removed += [(int(reply[i]), decode(reply[i + 1])) for i in range(0, len(reply), 2)]
+        return removed
+
+    @inlineCallbacks
+    def load(self):
+        """({key: record}, [unreadable keys]), read a batch at a time with HSCAN."""
+        records, broken, cursor = {}, [], "0"
+        for _ in range(1 << 30):  # HSCAN ends with cursor 0; bounded all the same
+            cursor, flat = yield self.command("HSCAN", self.keys[0], cursor, "COUNT", BATCH)
+            for key, value in zip(flat[::2], flat[1::2]):
+                try:
+                    records[key] = decode(value)
+                except (ValueError, KeyError, TypeError):
+                    broken.append(key)
+            if str(cursor) == "0":
+                break
+        return records, broken
+
+    @inlineCallbacks
+    def size(self):
+        total = 0
+        for key in self.keys[:2]:
+            total += (yield self.command("MEMORY", "USAGE", key)) or 0
+        return total
+
+
+def connect(address: RedisAddress, reactor, *, timeout: float, subscriber=None,
+            reconnect: bool = True):
+    """A txredisapi factory already connecting (and reconnecting) to ``address``.
+
+    ``subscriber``: a SubscriberProtocol subclass, for a pub/sub connection.
+    """
+    if subscriber is not None:
+        factory = txredisapi.SubscriberFactory(isLazy=True)
+        factory.protocol = subscriber
+        factory.password, factory.username = address.password, address.username
+        factory.replyTimeout, factory.convertNumbers = timeout, False
+    else:
+        factory = txredisapi.RedisFactory(
+            address.display(), address.db, 1, isLazy=reconnect, password=address.password,
+            username=address.username, replyTimeout=timeout, convertNumbers=False)
+    factory.reconnect = reconnect
+    # Retry soon after a drop (a restart takes seconds), then every 2 s at most.
+    factory.initialDelay, factory.maxDelay = 0.25, 2.0
+    factory.startConnecting(address.endpoint(reactor, timeout))
+    return factory
+
+
+
+
+class RedisSessionFile:
+    """SessionFile's synchronous face over Redis, for the CLI commands.
+
+    The reactor runs in a thread of its own and each call waits for its answer, so the
+    CLI uses the daemon's very commands (and scripts) instead of a second client.
+    """
+
+    backend = "redis"
+
+    def __init__(self, url: str, *, prefix: str, domains, timeout: float = 5.0) -> None:
+        from twisted.internet import reactor
+
+        self.address = parse_address(url)
+        self.path = self.address.display()
+        self.domains = domains
+        self._reactor = reactor
+        self._thread = threading.Thread(target=reactor.run, daemon=True,
+                                        kwargs={"installSignalHandlers": False})
+        self._thread.start()
+        self.sessions = None
+        try:
+            self.sessions = self._call(self._connect, prefix, timeout)
+        except SystemExit:
+            self.close()
+            raise
+
+    def _connect(self, prefix: str, timeout: float) -> Deferred:
+        factory = connect(self.address, self._reactor, timeout=timeout, reconnect=False)
+        ready = factory.deferred.addTimeout(timeout, self._reactor)
+
+        def failed(failure):
+            factory.disconnect()
+            raise unavailable(f"cannot reach {self.path}: {failure.getErrorMessage()}")
+
+        return ready.addCallbacks(
+            lambda _: RedisSessions(factory, self.address, prefix, timeout, self._reactor), failed)
+
+    def _call(self, function, *args):
+        from twisted.internet.threads import blockingCallFromThread
+
+        try:
+            return blockingCallFromThread(self._reactor, function, *args)
+        except ApiError as e:
+            raise SystemExit(f"lmgateway: {e.message}") from None
+
+    def load(self):
+        return self._call(self.sessions.load)
+
+    def put(self, record: SessionRecord) -> None:
+        if not record_is_valid(record, self.domains):
+            raise ValueError(f"{record.key}: not a valid session")
+        self._call(self.sessions.put, record)
+
+    def delete(self, domain: str, name: str) -> bool:
+        return bool(self._call(self.sessions.delete, domain, name))
+
+    def prune(self, cutoff: float, candidates) -> list[SessionRecord]:
+        removed = self._call(self.sessions.prune, cutoff, [r.key for r in candidates])
+        return [record for _, record in removed]
+
+    def size(self) -> int:
+        return self._call(self.sessions.size)
+
+    def close(self) -> None:
+        if self.sessions is not None:
+            self._call(self.sessions.factory.disconnect)
+        self._reactor.callFromThread(self._reactor.stop)
+        self._thread.join(10)
