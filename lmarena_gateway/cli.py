@@ -35,7 +35,8 @@ def cmd_stats(store: SessionFile, args, config, out) -> int:
     print(f"total\t{stats['total']}", file=out)
     if broken:
         print(f"unreadable\t{len(broken)}", file=out)
-    print(f"store\t{store.path}\t{store.size()} bytes\tbackend sqlite-dbm", file=out)
+    backend = getattr(store, "backend", "sqlite-dbm")
+    print(f"store\t{store.path}\t{store.size()} bytes\tbackend {backend}", file=out)
     return 0
 
 
@@ -124,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help)
         command.add_argument("--storage", help="session store (env STORAGE_PATH)")
         command.add_argument("--domains", help="allowed domains (env GATEWAY_ALLOWED_DOMAINS)")
+        command.add_argument("--redis-prefix", help="Redis key prefix (env GATEWAY_REDIS_PREFIX)")
         return command
 
     cleanup = store_command("cleanup", "prune idle sessions now; 'cleanup 0' only prints stats")
@@ -153,10 +155,18 @@ def main(argv=None, environ=None, out=None) -> int:
 
         return fake_main(args.listen, args.chunks, args.delay_ms, args.api_key)
     try:
-        config = build_config({"storage": args.storage, "domains": args.domains}, environ)
+        config = build_config({"storage": args.storage, "domains": args.domains,
+                               "redis-prefix": args.redis_prefix}, environ)
     except ConfigError as e:
         raise SystemExit(f"lmgateway: {e}") from None
-    store = _open(config.storage, create=getattr(args, "create", False))
+    if config.storage.startswith(("redis://", "rediss://", "unix://")):
+        # The same commands over Redis: RedisSessionFile has SessionFile's methods.
+        from .redis_sessions import RedisSessionFile
+
+        store = RedisSessionFile(config.storage, prefix=config.redis_prefix,
+                                 domains=config.domains)
+    else:
+        store = _open(config.storage, create=getattr(args, "create", False))
     try:
         return args.run(store, args, config, out)
     finally:
