@@ -1,0 +1,387 @@
+"""The Redis store against a real redis-server: durability, sharing, pruning, outages.
+
+Each test starts its own redis-server on a free loopback port (appendfsync always, in a
+tmp dir) and drives RedisSessionStore instances on the real reactor.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet.task import deferLater
+
+from conftest import SESSION, free_port, require_binary, wait_for
+from lmarena_gateway.config import ConfigError, build_config
+from lmarena_gateway.errors import ApiError
+from lmarena_gateway.redis_sessions import encode, parse_address
+from lmarena_gateway.redis_store import RedisSessionStore
+from lmarena_gateway.sessions import validate_registration
+
+DOMAINS = ("lmarena.ai", "canary.lmarena.ai")
+LATENCIES: dict[str, list[float]] = {}  # measurements, printed at the end of the module
+
+
+# --- a redis-server of our own, and a tiny blocking client for looking inside it ---
+
+
+def resp(port: int, *args, timeout: float = 5.0):
+    """One Redis command over a fresh socket; the reply as Python values.
+
+    Blocking, even when called from the reactor in a test: the server is another
+    process answering on loopback, so nothing here waits on the reactor.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        payload = [f"*{len(args)}\r\n".encode()]
+        for arg in args:
+            data = str(arg).encode()
+            payload.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        sock.sendall(b"".join(payload))
+        return _reply(sock.makefile("rb"))
+
+
+def _reply(stream):
+    line = stream.readline()
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        raise RuntimeError(rest.decode())
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        size = int(rest)
+        return None if size < 0 else stream.read(size + 2)[:-2].decode()
+    if kind == b"*":
+        size = int(rest)
+        return None if size < 0 else [_reply(stream) for _ in range(size)]
+    raise RuntimeError(f"unexpected reply {line!r}")
+
+
+class RedisServer:
+    """redis-server on a free loopback port, durable as the README asks: AOF, fsync always."""
+
+    def __init__(self, directory: Path) -> None:
+        self.binary = require_binary("redis-server")
+        self.port = free_port()
+        self.dir = directory / f"redis-{self.port}"
+        self.dir.mkdir()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        log = open(self.dir / "redis.log", "ab")
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+             "--dir", str(self.dir), "--daemonize", "no"],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_for(self.answers, 10, what="redis-server to answer PING")
+        return self
+
+    def answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"redis-server exited: {(self.dir / 'redis.log').read_text()}")
+        try:
+            return resp(self.port, "PING", timeout=1) == "PONG"
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save, so only what was fsynced survives."""
+        self.process.kill()
+        self.process.wait(10)
+
+    def __call__(self, *args):
+        return resp(self.port, *args)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path).start()
+    yield server
+    if server.process.poll() is None:
+        server.kill()
+
+
+async def until(predicate, timeout: float = 5.0, what: str = "condition"):
+    """Poll on the reactor every millisecond, with a deadline; returns seconds waited."""
+    from twisted.internet import reactor
+
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await deferLater(reactor, 0.001, lambda: None)
+    return time.monotonic() - started
+
+
+@pytest_twisted.async_yield_fixture
+async def stores(redis_server, reactor):
+    """``await stores(**options)``: a started store on the test's Redis, stopped afterwards."""
+    started = []
+
+    async def make(**options) -> RedisSessionStore:
+        store = RedisSessionStore(parse_address(redis_server.url), reactor, **options)
+        store.startService()
+        started.append(store)
+        await until(lambda: store.health()["status"] == "ok", 10, "the store to connect")
+        return store
+
+    yield make
+    for store in started:
+        if store.running:
+            await store.stopService()
+
+
+def registration(name: str = "team-alpha", **fields):
+    return validate_registration(dict(SESSION, session_name=name, **fields), DOMAINS)
+
+
+def stored(redis_server, name: str, domain: str = "lmarena.ai", prefix: str = "lmgw:"):
+    value = redis_server("HGET", prefix + "sessions", f"{domain}/{name}")
+    return None if value is None else json.loads(value)
+
+
+# --- addresses and settings ---
+
+
+def test_redis_urls_parse_into_addresses():
+    address = parse_address("redis://user:p%40ss@cache.example:6380/3")
+    assert (address.host, address.port, address.db) == ("cache.example", 6380, 3)
+    assert (address.username, address.password) == ("user", "p@ss")
+    assert "p@ss" not in repr(address) and address.display() == "redis://cache.example:6380/3"
+    assert parse_address("redis://:secret@localhost").password == "secret"
+    assert parse_address("redis://localhost").username is None
+    unix = parse_address("unix:///run/redis/redis.sock?db=2")
+    assert (unix.path, unix.db, unix.host) == ("/run/redis/redis.sock", 2, None)
+    assert parse_address("rediss://h/0").scheme == "rediss"
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("redis://", "names no host"),
+    ("redis://h:99999/0", "invalid port"),
+    ("redis://h/zero", "must be a number"),
+    ("redis://h/0?timeout=3", "only query parameter"),
+    ("unix://relative.sock", "absolute socket path"),
+])
+def test_bad_redis_urls_are_one_line_config_errors(url, problem):
+    with pytest.raises(ConfigError, match=f"^--storage: .*{problem}"):
+        build_config({"storage": url}, {})
+
+
+def test_redis_prefix_setting():
+    assert build_config({}, {}).redis_prefix == "lmgw:"
+    assert build_config({}, {"GATEWAY_REDIS_PREFIX": "gw2:"}).redis_prefix == "gw2:"
+    assert build_config({"redis-prefix": "a:"}, {"GATEWAY_REDIS_PREFIX": "b:"}).redis_prefix == "a:"
+    with pytest.raises(ConfigError, match="^GATEWAY_REDIS_PREFIX: "):
+        build_config({}, {"GATEWAY_REDIS_PREFIX": "has space"})
+
+
+# --- the store ---
+
+
+@pytest_twisted.ensureDeferred
+async def test_registration_is_in_redis_before_it_is_acknowledged(stores, redis_server):
+    store = await stores()
+    record = await store.register(registration(models={"fast": "gpt-4o"}), 1_700_000_000.7)
+    # the same JSON the file store writes, under the documented key
+    assert stored(redis_server, "team-alpha") == json.loads(encode(record)[1])
+    assert record.created_at == record.updated_at == 1_700_000_000.0
+    assert store.get("lmarena.ai", "team-alpha") == record
+    assert redis_server("ZSCORE", "lmgw:activity", "lmarena.ai/team-alpha") == "1700000000"
+
+
+@pytest_twisted.ensureDeferred
+async def test_upsert_keeps_created_at_and_last_use(stores, redis_server):
+    store = await stores(flush_interval=3600)
+    await store.register(registration(), 1000.0)
+    store.touch("lmarena.ai", "team-alpha", 1500.0)
+    await store.flush()
+    again = await store.register(registration(models={"m": "x"}), 2000.0)
+    assert (again.created_at, again.updated_at, again.last_used_at) == (1000.0, 2000.0, 1500.0)
+    assert stored(redis_server, "team-alpha")["created_at"] == "1970-01-01T00:16:40Z"
+    assert stored(redis_server, "team-alpha")["models"] == {"m": "x"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_upserts_from_two_instances_agree_on_created_at(stores):
+    a, b = await stores(), await stores()
+    results = await _gather([(a if i % 2 else b).register(registration(), 1000.0 + i)
+                             for i in range(100)])
+    assert len({r.created_at for r in results}) == 1
+
+
+async def _gather(deferreds):
+    from twisted.internet.defer import gatherResults
+
+    return await gatherResults(deferreds, consumeErrors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_reach_every_instance_within_a_second(stores):
+    """Measures the time from a write's start to the other instance seeing it."""
+    a, b = await stores(), await stores()
+    seen, after_ack, deleted = [], [], []
+    for i in range(100):
+        name = f"s{i}"
+        started = time.monotonic()
+        await a.register(registration(name), 1000.0)
+        acknowledged = time.monotonic()
+        await until(lambda: b.get("lmarena.ai", name) is not None, 1.0, "the registration on B")
+        seen.append(time.monotonic() - started)
+        after_ack.append(time.monotonic() - acknowledged)
+        started = time.monotonic()
+        assert await b.delete("lmarena.ai", name) is True
+        await until(lambda: a.get("lmarena.ai", name) is None, 1.0, "the deletion on A")
+        deleted.append(time.monotonic() - started)
+    LATENCIES["register sent to A -> visible on B"] = seen
+    LATENCIES["register acknowledged by A -> visible on B"] = after_ack
+    LATENCIES["delete on B -> gone on A"] = deleted
+    assert max(seen + deleted) < 1.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_uses_are_saved_in_batches_and_shared(stores, redis_server):
+    a, b = await stores(flush_interval=3600), await stores()
+    await a.register(registration(), 1000.0)
+    for when in (1100.0, 1200.0, 1300.0):
+        a.touch("lmarena.ai", "team-alpha", when)
+    assert a.get("lmarena.ai", "team-alpha").last_used_at == 1300.0
+    assert stored(redis_server, "team-alpha")["last_used_at"] is None  # memory only, so far
+    await a.flush()
+    assert stored(redis_server, "team-alpha")["last_used_at"] == "1970-01-01T00:21:40Z"
+    await until(lambda: b.get("lmarena.ai", "team-alpha").last_used_at == 1300.0)
+    # an older use noted elsewhere never moves it back
+    b.touch("lmarena.ai", "team-alpha", 1250.0)
+    await b.flush()
+    assert stored(redis_server, "team-alpha")["last_used_at"] == "1970-01-01T00:21:40Z"
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_instance_may_prune_at_once_and_each_session_goes_once(stores, redis_server):
+    a, b = await stores(), await stores()
+    await _gather([a.register(registration(f"old{i}", domain="lmarena.ai" if i % 3 else
+                                           "canary.lmarena.ai"), 1000.0) for i in range(60)])
+    await a.register(registration("fresh"), 5000.0)
+    await a.register(registration("used"), 1000.0)
+    a.touch("lmarena.ai", "used", 4000.0)  # only in A's memory: A's prune saves it first
+    first, second = await _gather([a.prune(3000.0), b.prune(3000.0)])
+    total = {d: first.get(d, 0) + second.get(d, 0) for d in set(first) | set(second)}
+    assert total == {"lmarena.ai": 40, "canary.lmarena.ai": 20}
+    assert await a.prune(3000.0) == {} and await b.prune(3000.0) == {}
+    assert sorted(redis_server("HKEYS", "lmgw:sessions")) == ["lmarena.ai/fresh", "lmarena.ai/used"]
+    assert redis_server("ZCARD", "lmgw:activity") == 2
+    for store in (a, b):
+        await until(lambda: len(store.records()) == 2, 1.0, "pruned sessions gone everywhere")
+
+
+@pytest_twisted.ensureDeferred
+async def test_prefixes_keep_fleets_apart(stores, redis_server):
+    one, other = await stores(prefix="one:"), await stores(prefix="two:")
+    await one.register(registration(), 1000.0)
+    await other.register(registration("elsewhere"), 1000.0)
+    assert stored(redis_server, "team-alpha", prefix="one:") is not None
+    assert stored(redis_server, "team-alpha", prefix="two:") is None
+    assert [r.session_name for r in other.records()] == ["elsewhere"]
+    assert [r.session_name for r in one.records()] == ["team-alpha"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_instance_loads_everything_and_skips_unreadable_records(stores, redis_server):
+    a = await stores()
+    # more than one HSCAN batch; written at once, as many clients would
+    await _gather([a.register(registration(f"s{i}"), 1000.0) for i in range(1200)])
+    redis_server("HSET", "lmgw:sessions", "lmarena.ai/broken", "{not json")
+    b = await stores()
+    assert len(b.records()) == 1200 and b.get("lmarena.ai", "broken") is None
+    assert b.get("lmarena.ai", "s1199") == a.get("lmarena.ai", "s1199")
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_down_known_sessions_stay_writes_fail_503_then_it_recovers(
+        stores, redis_server):
+    store = await stores(heartbeat=0.1)
+    await store.register(registration("known"), 1000.0)
+    redis_server.kill()
+    await until(lambda: store.health()["status"] == "degraded", 5, "the store to notice")
+    assert store.get("lmarena.ai", "known") is not None  # chat keeps working from memory
+    for attempt in (lambda: store.register(registration("new"), 2000.0),
+                    lambda: store.delete("lmarena.ai", "known")):
+        started = time.monotonic()
+        with pytest.raises(ApiError) as refused:
+            await attempt()
+        assert (refused.value.status, refused.value.code) == (503, "STORAGE_UNAVAILABLE")
+        assert time.monotonic() - started < 1.0  # refused at once, not after a timeout
+    store.touch("lmarena.ai", "known", 3000.0)
+    await store.flush()  # fails quietly and keeps the use for later
+    health = store.health()
+    assert health["status"] == "degraded" and health["connected"] is False and health["error"]
+
+    redis_server.start()
+    await until(lambda: store.health()["status"] == "ok", 10, "the store to reconnect")
+    assert stored(redis_server, "known")["last_used_at"] is None
+    await store.flush()
+    assert stored(redis_server, "known")["last_used_at"] == "1970-01-01T00:50:00Z"
+    assert stored(redis_server, "new") is None  # refused, so not there
+    await store.register(registration("new"), 4000.0)
+    assert stored(redis_server, "new") is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_redis_is_a_503_within_the_timeout_not_a_hang(stores, redis_server):
+    store = await stores(timeout=0.5, heartbeat=0.1)
+    await store.register(registration("known"), 1000.0)
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ApiError) as refused:
+            await store.register(registration("new"), 2000.0)
+        assert refused.value.code == "STORAGE_UNAVAILABLE"
+        assert time.monotonic() - started < 2.0
+        await until(lambda: store.health()["status"] == "degraded", 5, "the heartbeat to notice")
+        assert store.get("lmarena.ai", "known") is not None
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    await until(lambda: store.health()["status"] == "ok", 10, "the store to recover")
+    await store.register(registration("after"), 3000.0)
+    assert stored(redis_server, "after") is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_missed_while_unsubscribed_arrive_by_reloading(stores, redis_server):
+    a, b = await stores(), await stores()
+    await a.register(registration("stays"), 1000.0)
+    await a.register(registration("goes"), 1000.0)
+    reloads = b.reloads
+    b._listener.initialDelay = 1.0  # B stays away long enough for the writes below
+    redis_server("CLIENT", "KILL", "TYPE", "pubsub")
+    await until(lambda: b.health()["changes"] != "live", 5, "B to lose its subscription")
+    await a.register(registration("arrives"), 1000.0)
+    await a.delete("lmarena.ai", "goes")
+    assert b.health()["changes"] != "live"  # so B cannot have heard these
+    await until(lambda: b.health()["status"] == "ok", 10, "B to resubscribe")
+    assert b.reloads == reloads + 1
+    assert sorted(r.session_name for r in b.records()) == ["arrives", "stays"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_reports_the_backend(stores):
+    health = (await stores()).health()
+    assert health["backend"] == "redis" and health["status"] == "ok"
+    assert health["changes"] == "live" and health["redis"].startswith("redis://127.0.0.1:")
+
+
+def teardown_module(module):
+    for what, values in LATENCIES.items():
+        ms = sorted(v * 1000 for v in values)
+        print(f"\ninvalidation latency, {what}: n={len(ms)} median {statistics.median(ms):.2f} ms"
+              f" p99 {ms[int(len(ms) * 0.99) - 1]:.2f} ms max {ms[-1]:.2f} ms")
