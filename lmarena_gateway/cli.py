@@ -117,6 +117,26 @@ def cmd_import(store: SessionFile, args, config, out) -> int:
     return 1 if skipped else 0
 
 
+def cmd_revoke(args, environ, out) -> int:
+    from .sessions import SESSION_NAME
+    from .tokens import revoke
+
+    try:
+        config = build_config({"storage": args.storage, "secret-file": args.secret_file}, environ)
+    except ConfigError as e:
+        raise SystemExit(f"lmgateway: {e}") from None
+    if not SESSION_NAME.match(args.name):
+        raise SystemExit(f"lmgateway: {args.name!r} is not a session name")
+    try:
+        generation = revoke(config.registration_secret_file, args.name)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"lmgateway: cannot revoke: {e}") from None
+    print(f"revoked every registration token of {args.name!r} (now generation {generation}); "
+          "running gateways refuse them within a second. Generate a new userscript for it.",
+          file=out)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmgateway", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -138,6 +158,11 @@ def _parser() -> argparse.ArgumentParser:
     importer.set_defaults(run=cmd_import, create=True)
     store_command("export", "write every session to stdout as JSON").set_defaults(run=cmd_export)
 
+    revoke = commands.add_parser("revoke", help="revoke the registration tokens of one session name")
+    revoke.add_argument("name", metavar="NAME")
+    revoke.add_argument("--storage", help="session store (env STORAGE_PATH); the secret lives beside it")
+    revoke.add_argument("--secret-file", help="registration secret (env GATEWAY_SECRET_FILE)")
+
     fake = commands.add_parser("fake-bridge", help="serve canned bridge answers for demos and tests")
     fake.add_argument("--listen", default="tcp:5102:interface=127.0.0.1", metavar="ENDPOINT")
     fake.add_argument("--chunks", type=int, default=8, metavar="N")
@@ -154,6 +179,8 @@ def main(argv=None, environ=None, out=None) -> int:
         from .fakebridge import main as fake_main
 
         return fake_main(args.listen, args.chunks, args.delay_ms, args.api_key)
+    if args.command == "revoke":
+        return cmd_revoke(args, environ, out)
     try:
         config = build_config({"storage": args.storage, "domains": args.domains,
                                "redis-prefix": args.redis_prefix}, environ)

@@ -47,6 +47,25 @@ class GatewayConfig:
     keepalive: float = 15.0
     public_url: str | None = None
     trust_proxy_headers: bool = False
+    admin_token: str | None = field(default=None, repr=False)
+    api_keys_file: str | None = None
+    api_keys: str | None = field(default=None, repr=False)  # GATEWAY_API_KEYS, inline
+    bridge_allow: tuple[str, ...] = ()  # empty: the default bridge's host and loopback
+    max_sessions_per_domain: int = 1000
+    secret_file: str | None = None  # None: registration.secret beside the store
+
+    @property
+    def bridge_allow_list(self) -> tuple[str, ...]:
+        if self.bridge_allow:
+            return self.bridge_allow
+        return ((urlsplit(self.bridge_url).hostname or "").lower(), "loopback")
+
+    @property
+    def registration_secret_file(self) -> str:
+        if self.secret_file:
+            return self.secret_file
+        directory = "storage" if "://" in self.storage else os.path.dirname(self.storage)
+        return os.path.join(directory, "registration.secret")
 
 
 # --- value parsers: each returns the parsed value or raises ValueError("problem") ---
@@ -174,6 +193,68 @@ def _parse_public_url(value: str) -> str | None:
     return parse_http_url(value) if value else None
 
 
+def _read_admin_token_file(value: str) -> str:
+    try:
+        with open(value, encoding="utf-8") as f:
+            return _parse_admin_token(f.read().strip())
+    except OSError as e:
+        raise ValueError(f"cannot read {value!r}: {e.strerror}") from None
+
+
+def _parse_admin_token(value: str) -> str:
+    if not re.fullmatch(r"[\x21-\x7e]{16,512}", value):
+        raise ValueError("the admin token must be 16-512 printable ASCII characters, no spaces")
+    return value
+
+
+def _parse_readable_file(value: str) -> str:
+    if not os.path.isfile(value) or not os.access(value, os.R_OK):
+        raise ValueError(f"{value!r} is not a readable file")
+    return value
+
+
+def _parse_allow(value: str) -> tuple[str, ...]:
+    entries = tuple(e.lower() for e in _split(value))
+    for entry in entries:
+        if entry in ("loopback", "*"):
+            if entry == "*":
+                raise ValueError("'*' would allow any host; list hosts, *.suffix, CIDRs or 'loopback'")
+            continue
+        if "/" in entry:
+            import ipaddress
+
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not a network") from None
+        elif not _DOMAIN.match(entry.removeprefix("*.")) and not _is_ip(entry):
+            raise ValueError(f"{entry!r} is not a host, *.suffix, CIDR or 'loopback'")
+    return entries
+
+
+def _is_ip(value: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_count(value: str) -> int:
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"{value!r} is not a whole number >= 1")
+    return int(value)
+
+
+def _parse_secret_file(value: str) -> str:
+    directory = os.path.dirname(os.path.abspath(value))
+    if not os.path.isdir(directory):
+        raise ValueError(f"directory {directory!r} does not exist")
+    return value
+
+
 def parse_bool(value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -188,7 +269,7 @@ class Setting:
     """One configurable value: its option, its environment variable, how to parse it."""
 
     name: str  # the attribute on GatewayConfig
-    option: str
+    option: str | None  # None: environment only (secrets do not belong on command lines)
     env: str
     parse: Callable[[str], object]
     help: str
@@ -227,6 +308,21 @@ SETTINGS = (
             "Seconds between SSE keep-alive comments while the bridge is silent (0: off)"),
     Setting("public_url", "public-url", "GATEWAY_PUBLIC_URL", _parse_public_url,
             "URL browsers reach this gateway at (for the userscript)"),
+    Setting("admin_token", "admin-token-file", "GATEWAY_ADMIN_TOKEN_FILE", _read_admin_token_file,
+            "File holding the admin token (or set GATEWAY_ADMIN_TOKEN)"),
+    Setting("admin_token", None, "GATEWAY_ADMIN_TOKEN", _parse_admin_token, "The admin token"),
+    Setting("api_keys_file", "api-keys-file", "GATEWAY_API_KEYS_FILE", _parse_readable_file,
+            "Client API keys for /v1, one a line, optionally followed by session names; "
+            "re-read on SIGHUP (or set GATEWAY_API_KEYS)"),
+    Setting("api_keys", None, "GATEWAY_API_KEYS", str, "Client API keys, inline"),
+    Setting("bridge_allow", "bridge-allow", "GATEWAY_BRIDGE_ALLOW", _parse_allow,
+            "Hosts a session's bridge_base_url may name: hosts, *.suffix, CIDRs, 'loopback' "
+            "[default: the default bridge's host and loopback]"),
+    Setting("max_sessions_per_domain", "max-sessions-per-domain",
+            "GATEWAY_MAX_SESSIONS_PER_DOMAIN", _parse_count, "Most sessions one domain may hold"),
+    Setting("secret_file", "secret-file", "GATEWAY_SECRET_FILE", _parse_secret_file,
+            "Registration token secret, created on first start "
+            "[default: registration.secret beside the store]"),
     Setting("debug", "debug", "DEBUG_MODE", parse_bool, "Log upstream detail", flag=True),
     Setting("log_requests", "log-requests", "LOG_REQUESTS", parse_bool,
             "Log one line per request", flag=True),
@@ -243,7 +339,9 @@ def build_config(options: Mapping[str, object], environ: Mapping[str, str]) -> G
     """
     values = {}
     for setting in SETTINGS:
-        given = options.get(setting.option)
+        if setting.name in values:
+            continue  # an earlier source of the same value won (e.g. a token file option)
+        given = options.get(setting.option) if setting.option else None
         if setting.flag and given:
             values[setting.name] = True
             continue

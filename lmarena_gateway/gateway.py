@@ -7,17 +7,19 @@ import time
 from datetime import datetime, timezone
 from urllib.parse import unquote
 
+from attrs import evolve
 from klein import Klein
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 from twisted.web.resource import IResource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
 from . import __version__
 from .errors import ApiError, render_error, write_json
 from .proxy import Proxy
+from .security import AdminAuth, ClientKeys, require_bridge_allowed
 from .sessions import check_domain, check_session_name, validate_registration
 
 log = Logger()
@@ -31,11 +33,33 @@ class Gateway:
 
     app = Klein()
 
-    def __init__(self, config, store, client, clock) -> None:
+    def __init__(self, config, store, client, clock, *, tokens=None, client_keys=None) -> None:
         self.config = config
         self.store = store
         self.clock = clock
-        self.proxy = Proxy(config, store, client, clock)
+        self.admin = AdminAuth(config.admin_token)
+        self.tokens = tokens  # RegistrationTokens, or None: only admins register
+        self.proxy = Proxy(config, store, client, clock,
+                           client_keys=client_keys or (lambda: ClientKeys({})))
+
+    def _require_admin(self, request, *, allow_basic: bool = False) -> None:
+        self.admin.require(request, allow_basic=allow_basic)
+
+    def _require_allowed_origin(self, request) -> None:
+        """Browsers may change sessions only from the LMArena pages (and listed extras).
+
+        Without this, any web page a user opens could post to a gateway on their machine.
+        Extension origins (the userscript manager's own requests) cannot be forged by pages.
+        """
+        origin = request.getHeader(b"origin")
+        if origin is None:
+            return
+        text = origin.decode("latin-1")
+        if text.startswith(("chrome-extension://", "moz-extension://", "safari-web-extension://")):
+            return
+        if text not in registration_origins(self.config):
+            raise ApiError(403, "ORIGIN_NOT_ALLOWED",
+                           f"requests from {text} may not change sessions")
 
     # --- errors: everything in the OpenAI envelope ---
 
@@ -84,15 +108,51 @@ class Gateway:
     @app.route("/session/register", methods=["POST"])
     @inlineCallbacks
     def register(self, request):
-        registration = validate_registration(
-            self._json_body(request, MAX_SESSION_BODY), self.config.domains)
+        self._require_allowed_origin(request)
+        body = self._json_body(request, MAX_SESSION_BODY)
+        admin = self.admin.is_admin(request)
+        if not admin:
+            self._check_registration_token(request, body)
+        registration = validate_registration(body, self.config.domains)
+        if not admin:
+            registration = evolve(registration, keep_bridge=True)
+        if registration.bridge_base_url:
+            require_bridge_allowed(registration.bridge_base_url, self.config.bridge_allow_list)
+        if self.store.get(registration.domain, registration.session_name) is None:
+            held = sum(1 for _ in self.store.records(registration.domain))
+            if held >= self.config.max_sessions_per_domain:
+                raise ApiError(409, "SESSION_LIMIT",
+                               f"{registration.domain} holds {held} sessions, the most allowed "
+                               "(--max-sessions-per-domain); delete some or raise the limit")
         record = yield self.store.register(registration, self.clock.seconds())
         log.info("session registered: {domain}/{name}", domain=record.domain, name=record.session_name)
         return write_json(request, 200, {"status": "ok", "domain": record.domain,
                                          "session_name": record.session_name})
 
+    def _check_registration_token(self, request, body) -> None:
+        """Without the admin token a caller may only set ids, and only for its token's name."""
+        if not isinstance(body, dict):
+            return  # validation refuses it next
+        privileged = [f for f in ("bridge_base_url", "bridge_api_key", "models") if body.get(f)]
+        if privileged:
+            raise ApiError(403, "ADMIN_REQUIRED",
+                           f"setting {', '.join(privileged)} needs the admin token")
+        name = check_session_name(body.get("session_name"))
+        token = body.get("registration_token")
+        if token in (None, ""):
+            raise ApiError(401, "REGISTRATION_TOKEN_REQUIRED",
+                           "registering needs the registration token of the userscript from "
+                           f"/userscript/generate?session_name={name}, or the admin token",
+                           "authentication_error")
+        if self.tokens is None or not self.tokens.is_valid(name, token):
+            raise ApiError(403, "REGISTRATION_TOKEN_INVALID",
+                           f"the registration token is not valid for session {name!r}: "
+                           "it was revoked or belongs to another name; generate a new userscript",
+                           "authentication_error")
+
     @app.route("/session/list", methods=["GET"])
     def list_sessions(self, request):
+        self._require_admin(request)
         wanted = request.args.get(b"domain", [b""])[0].decode("utf-8", "replace")
         domain = check_domain(wanted, self.config.domains) if wanted else None
         listing: dict[str, dict] = {d: {} for d in ([domain] if domain else self.config.domains)}
@@ -103,6 +163,8 @@ class Gateway:
     @app.route("/session/<path:rest>", methods=["DELETE"])
     @inlineCallbacks
     def delete_session(self, request, rest):
+        self._require_allowed_origin(request)
+        self._require_admin(request)
         # Klein has decoded the path once already; split on the raw path so an encoded
         # "/" inside a segment stays part of that segment and then fails validation.
         raw = request.path.decode("latin-1").split("/")[2:]
@@ -122,7 +184,13 @@ class Gateway:
     def userscript(self, request):
         from .userscript import serve
 
-        return serve(request, self.config)
+        # The script's own @updateURL carries its registration token: it may fetch its
+        # own name's script (nothing more) without the admin token.
+        name = request.args.get(b"session_name", [b""])[0].decode("utf-8", "replace")
+        token = request.args.get(b"registration_token", [b""])[0].decode("utf-8", "replace")
+        if not (token and self.tokens is not None and self.tokens.is_valid(name, token)):
+            self._require_admin(request, allow_basic=True)
+        return serve(request, self.config, tokens=self.tokens)
 
     # --- the OpenAI-compatible API ---
 
@@ -156,9 +224,13 @@ class FrontDoor:
         raise NotImplementedError()
 
     def _allow_origin(self, request) -> bytes | None:
-        origins = self.config.cors_origins
-        if "*" in origins:
-            return b"*"
+        """/session/register answers the LMArena pages (and extras); the rest --cors-origins."""
+        if request.path == b"/session/register":
+            origins = registration_origins(self.config)
+        else:
+            origins = self.config.cors_origins
+            if "*" in origins:
+                return b"*"
         origin = request.getHeader(b"origin")
         if origin and origin.decode("latin-1") in origins:
             request.setHeader(b"Vary", b"Origin")
@@ -173,6 +245,11 @@ class FrontDoor:
             request.setHeader(b"Access-Control-Expose-Headers", b"X-Request-ID")
         if self.config.log_requests:
             request.notifyFinish().addBoth(self._log, request, started)
+        if getattr(request, "too_large", False):
+            request.setResponseCode(413)
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Connection", b"close")
+            return ApiError(413, "BODY_TOO_LARGE", "the request body is too large").body()
         if request.method == b"OPTIONS":
             request.setResponseCode(204)
             request.setHeader(b"Access-Control-Allow-Methods", ALLOW_METHODS)
@@ -195,14 +272,48 @@ class FrontDoor:
         )
 
 
+def registration_origins(config) -> frozenset[str]:
+    extras = {o for o in config.cors_origins if o != "*"}
+    return frozenset({f"https://{d}" for d in config.domains} | extras)
+
+
+class GatewayRequest(Request):
+    """Stops storing a body past the largest any route accepts, however it is sent."""
+
+    body_cap = 20 * 1024 * 1024
+    too_large = False
+    _received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._received > self.body_cap:
+            self.too_large = True  # FrontDoor answers 413; the rest is read and dropped
+            return
+        super().handleContentChunk(data)
+
+
 class GatewaySite(Site):
-    """Our own request log replaces twisted.web's access log."""
+    """Our own request log replaces twisted.web's access log; tighter header limits."""
+
+    requestFactory = GatewayRequest
+    max_headers = 100
+    max_header_bytes = 16 * 1024
 
     def log(self, request) -> None:
         pass
 
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        # twisted.web wraps the HTTP/1.1 channel to negotiate HTTP/2; the limits live inside.
+        channel = getattr(protocol, "_channel", protocol)
+        channel.maxHeaders = self.max_headers
+        channel.totalHeadersSize = self.max_header_bytes
+        return protocol
+
 
 def make_site(gateway: Gateway) -> GatewaySite:
     site = GatewaySite(FrontDoor(gateway.app.resource(), gateway.config))
+    site.requestFactory = type("Request", (GatewayRequest,), {
+        "body_cap": max(gateway.config.max_body, MAX_SESSION_BODY)})
     site.displayTracebacks = False
     return site

@@ -22,6 +22,7 @@ from twisted.web.http_headers import Headers
 
 from .config import GatewayConfig
 from .errors import ApiError, envelope
+from .security import require_bridge_allowed
 from .sessions import SessionRecord, check_domain, check_session_name
 
 log = Logger()
@@ -60,8 +61,13 @@ class Upstream:
 
 
 def upstream_for(record: SessionRecord | None, config: GatewayConfig) -> Upstream:
-    """The operator's key goes only to the operator's bridge, never to a registered URL."""
+    """The operator's key goes only to the operator's bridge, never to a registered URL.
+
+    A registered URL is checked against --bridge-allow again here: the list may have
+    shrunk since the session was registered.
+    """
     if record is not None and record.bridge_base_url:
+        require_bridge_allowed(record.bridge_base_url, config.bridge_allow_list, status=403)
         return Upstream(record.bridge_base_url, record.bridge_api_key)
     key = record.bridge_api_key if record is not None and record.bridge_api_key else config.bridge_api_key
     return Upstream(config.bridge_url, key)
@@ -228,11 +234,12 @@ def request_id(request) -> str:
 class Proxy:
     """The /v1 routes' logic; ``client`` is a treq HTTPClient or a StubTreq."""
 
-    def __init__(self, config: GatewayConfig, store, client, clock) -> None:
+    def __init__(self, config: GatewayConfig, store, client, clock, *, client_keys=None) -> None:
         self.config = config
         self.store = store
         self.client = client
         self.clock = clock
+        self.client_keys = client_keys  # a callable giving the current ClientKeys, or None
 
     # --- session resolution ---
 
@@ -240,6 +247,8 @@ class Proxy:
         name = (request.getHeader(b"x-session-name") or b"default").decode("latin-1")
         domain = (request.getHeader(b"x-target-domain") or b"lmarena.ai").decode("latin-1")
         name = check_session_name(name)
+        if self.client_keys is not None:
+            self.client_keys().require(request, name)
         domain = check_domain(domain, self.config.domains)
         record = self.store.get(domain, name)
         if record is None and required:
@@ -291,15 +300,15 @@ class Proxy:
     # --- the routes ---
 
     def chat(self, request) -> Deferred:
-        body, raw = self.read_json_body(request, required=(("model", str), ("messages", list)))
         record = self.resolve(request, required=True)
+        body, raw = self.read_json_body(request, required=(("model", str), ("messages", list)))
         stream = body.get("stream") is True
         return self._forward(request, record, "/v1/chat/completions",
                              self._apply_alias(record, body, raw), sse=stream)
 
     def images(self, request) -> Deferred:
-        body, raw = self.read_json_body(request, required=(("prompt", str),))
         record = self.resolve(request, required=True)
+        body, raw = self.read_json_body(request, required=(("prompt", str),))
         return self._forward(request, record, "/v1/images/generations",
                              self._apply_alias(record, body, raw), sse=False)
 

@@ -11,7 +11,9 @@ from twisted.logger import Logger
 from .config import GatewayConfig
 from .gateway import Gateway, make_site
 from .proxy import make_http_client
+from .security import ClientKeyService
 from .store import DBMSessionStore
+from .tokens import RegistrationTokens
 
 log = Logger()
 DAY = 86400.0
@@ -90,7 +92,19 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
     pruner.setName("pruner")
     pruner.setServiceParent(root)
 
-    gateway = Gateway(config, store, client, reactor)
+    tokens = RegistrationTokens(config.registration_secret_file, reactor)
+    tokens.setName("registration-tokens")
+    tokens.setServiceParent(root)
+    keys = ClientKeyService(config.api_keys_file, config.api_keys, reactor)
+    if keys.current.configured:
+        keys.install_sighup()
+    else:
+        log.warn("no client API keys configured: /v1 is open to anyone who can reach this "
+                 "gateway (set --api-keys-file or GATEWAY_API_KEYS)")
+    if not config.admin_token:
+        log.info("no admin token configured: admin routes answer loopback clients only")
+
+    gateway = Gateway(config, store, client, reactor, tokens=tokens, client_keys=keys)
     site = make_site(gateway)
     for index, description in enumerate(config.listen):
         listener = StreamServerEndpointService(serverFromString(reactor, description), site)

@@ -131,17 +131,21 @@ class Registration:
     bridge_base_url: str | None = None
     bridge_api_key: str | None = field(default=None, repr=False)
     models: dict = field(factory=dict)
+    # A userscript's registration only renews the ids: the bridge, key and aliases an
+    # admin set stay as they were.
+    keep_bridge: bool = False
 
     def record(self, now: float, existing: SessionRecord | None) -> SessionRecord:
         """The upserted record: ``created_at`` and ``last_used_at`` survive an update."""
+        source = existing if self.keep_bridge and existing is not None else self
         return SessionRecord(
             domain=self.domain,
             session_name=self.session_name,
             session_id=self.session_id,
             message_id=self.message_id,
-            bridge_base_url=self.bridge_base_url,
-            bridge_api_key=self.bridge_api_key,
-            models=dict(self.models),
+            bridge_base_url=source.bridge_base_url,
+            bridge_api_key=source.bridge_api_key,
+            models=dict(source.models),
             created_at=existing.created_at if existing else now,
             updated_at=now,
             last_used_at=existing.last_used_at if existing else None,

@@ -24,7 +24,8 @@ class GatewayOptions(usage.Options):
     longdesc = ("An OpenAI-compatible gateway with named sessions in front of LMArenaBridge. "
                 "Every option has an environment variable; the option wins.")
     optParameters = [
-        [s.option, None, None, _help(s)] for s in SETTINGS if not s.flag and s.option != "listen"
+        [s.option, None, None, _help(s)] for s in SETTINGS
+        if s.option and not s.flag and s.option != "listen"
     ]
     optFlags = [[s.option, None, _help(s)] for s in SETTINGS if s.flag]
 

@@ -146,13 +146,14 @@ def render_script(*, session_name: str, gateway_url: str, domains: tuple[str, ..
     return text.replace(VERSION_MARK, f"{TEMPLATE_REVISION}.{int(digest[:8], 16)}", 1)
 
 
-def serve(request, config) -> bytes:
+def serve(request, config, tokens=None) -> bytes:
     """GET /userscript/generate?session_name=NAME: the script as a download."""
     raw = request.args.get(b"session_name", [b""])[0].decode("utf-8", "replace")
     name = check_session_name(raw)
     gateway_url = gateway_url_for(request, config)
     try:
-        text = render_script(session_name=name, gateway_url=gateway_url, domains=config.domains)
+        text = render_script(session_name=name, gateway_url=gateway_url, domains=config.domains,
+                             registration_token=tokens.token_for(name) if tokens else None)
     except ValueError as e:
         raise ApiError(500, "INVALID_CONFIG", f"cannot build the userscript: {e}",
                        "server_error") from None

@@ -1,0 +1,213 @@
+"""Who may do what: the admin token, client API keys, and where bridges may be.
+
+The PHP gateway trusted every caller. Here the admin routes need the admin token (or,
+with none configured, a loopback client), /v1 needs a client key once keys are
+configured, and a session's bridge URL must name an allowed host.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import re
+from urllib.parse import urlsplit
+
+from attrs import frozen
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.logger import Logger
+
+from .errors import ApiError
+
+log = Logger()
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def _is_loopback_ip(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    if getattr(address, "ipv4_mapped", None):
+        address = address.ipv4_mapped
+    return any(address in network for network in _LOOPBACK)
+
+
+def is_local_client(request) -> bool:
+    """A client on this machine, not relayed: a proxy in front makes every caller look local."""
+    if request.getHeader(b"x-forwarded-for") or request.getHeader(b"forwarded"):
+        return False
+    address = request.getClientAddress()
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return _is_loopback_ip(address.host)
+    return True  # a UNIX socket: its file permissions already decide who connects
+
+
+def bearer(request) -> str | None:
+    value = (request.getHeader(b"authorization") or b"").decode("latin-1")
+    if value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    return None
+
+
+def basic_password(request) -> str | None:
+    value = (request.getHeader(b"authorization") or b"").decode("latin-1")
+    if value[:6].lower() != "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(value[6:].strip(), validate=True).decode("utf-8")
+    except ValueError:
+        return None
+    return decoded.partition(":")[2]
+
+
+class AdminAuth:
+    """The admin token check, in constant time; loopback-only while no token is set."""
+
+    def __init__(self, token: str | None) -> None:
+        self._token = token.encode() if token else None
+
+    @property
+    def configured(self) -> bool:
+        return self._token is not None
+
+    def _matches(self, given: str | None) -> bool:
+        return given is not None and self._token is not None and hmac.compare_digest(
+            given.encode("utf-8", "replace"), self._token)
+
+    def is_admin(self, request, *, allow_basic: bool = False) -> bool:
+        if self._token is None:
+            return is_local_client(request)
+        return self._matches(bearer(request)) or (allow_basic and self._matches(basic_password(request)))
+
+    def require(self, request, *, allow_basic: bool = False) -> None:
+        if self.is_admin(request, allow_basic=allow_basic):
+            return
+        if self._token is None:
+            raise ApiError(403, "ADMIN_LOCAL_ONLY",
+                           "this endpoint answers clients on this machine only until an admin "
+                           "token is configured: set GATEWAY_ADMIN_TOKEN or --admin-token-file, "
+                           "then send 'Authorization: Bearer <token>'")
+        if allow_basic:
+            request.setHeader(b"WWW-Authenticate", b'Basic realm="lmgateway", charset="UTF-8"')
+        if bearer(request) is None and basic_password(request) is None:
+            raise ApiError(401, "ADMIN_TOKEN_REQUIRED",
+                           "send the admin token as 'Authorization: Bearer <token>'",
+                           "authentication_error")
+        raise ApiError(403, "ADMIN_TOKEN_INVALID", "the admin token is not valid",
+                       "authentication_error")
+
+
+@frozen
+class ClientKeys:
+    """Client API keys for /v1: {sha256(key): allowed session names, or None for any}."""
+
+    keys: dict
+
+    @classmethod
+    def parse(cls, text: str, *, entry_separators: str = r"\n") -> "ClientKeys":
+        keys = {}
+        for entry in re.split(entry_separators, text):
+            words = entry.split("#", 1)[0].split()
+            if not words:
+                continue
+            key, names = words[0], words[1:]
+            keys[hashlib.sha256(key.encode()).digest()] = frozenset(names) if names else None
+        return cls(keys)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.keys)
+
+    def require(self, request, session_name: str) -> None:
+        if not self.keys:
+            return
+        given = bearer(request)
+        allowed = self.keys.get(hashlib.sha256(given.encode()).digest(), False) if given else False
+        if allowed is False:
+            raise ApiError(401, "invalid_api_key",
+                           "Incorrect API key provided: send one of this gateway's client keys "
+                           "as 'Authorization: Bearer <key>'", "invalid_request_error")
+        if allowed is not None and session_name not in allowed:
+            raise ApiError(403, "SESSION_NOT_ALLOWED",
+                           f"this API key may not use session {session_name!r}")
+
+
+def load_client_keys(path: str | None, inline: str | None) -> ClientKeys:
+    """Keys from the file (one a line) and GATEWAY_API_KEYS (entries split by , or ;)."""
+    text = ""
+    if path:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    keys = dict(ClientKeys.parse(text).keys)
+    if inline:
+        keys.update(ClientKeys.parse(inline, entry_separators=r"[\n,;]").keys)
+    return ClientKeys(keys)
+
+
+def bridge_allowed(url: str, allow: tuple[str, ...]) -> bool:
+    """Whether a session may send traffic (and its key) to ``url``'s host."""
+    host = (urlsplit(url).hostname or "").lower().rstrip(".")
+    if not host:
+        return False
+    for entry in allow:
+        if entry == "loopback":
+            if host == "localhost" or _is_loopback_ip(host):
+                return True
+        elif entry.startswith("*."):
+            if host.endswith(entry[1:]) and host != entry[2:]:
+                return True
+        elif "/" in entry:
+            try:
+                if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                continue
+        elif host == entry.strip("[]"):
+            return True
+    return False
+
+
+def require_bridge_allowed(url: str, allow: tuple[str, ...], status: int = 400) -> None:
+    if not bridge_allowed(url, allow):
+        host = urlsplit(url).hostname
+        raise ApiError(status, "BRIDGE_NOT_ALLOWED",
+                       f"bridge host {host!r} is not allowed: the operator lists allowed bridge "
+                       "hosts with --bridge-allow / GATEWAY_BRIDGE_ALLOW")
+
+
+class ClientKeyService:
+    """Holds the client keys; SIGHUP re-reads the keys file without a restart."""
+
+    def __init__(self, path: str | None, inline: str | None, reactor) -> None:
+        self.path = path
+        self.inline = inline
+        self._reactor = reactor
+        self.current = load_client_keys(path, inline)  # at startup: a bad file stops the daemon
+
+    def __call__(self) -> ClientKeys:
+        return self.current
+
+    def install_sighup(self) -> None:
+        import signal
+
+        previous = signal.getsignal(signal.SIGHUP)
+
+        def on_hup(signum, frame):
+            self._reactor.callFromThread(self.reload)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def reload(self):
+        from twisted.internet.threads import deferToThread
+
+        def loaded(keys: ClientKeys) -> None:
+            self.current = keys
+            log.info("client API keys re-read: {count} keys", count=len(keys.keys))
+
+        return deferToThread(load_client_keys, self.path, self.inline).addCallbacks(
+            loaded, lambda f: log.error("client API keys not re-read, keeping the old ones: "
+                                        "{why}", why=f.getErrorMessage()))

@@ -1,0 +1,134 @@
+"""Registration tokens: what lets a userscript register ids for its own session name only.
+
+A token is an HMAC of the session name and that name's generation under a server secret.
+The secret is created once (mode 0600) beside the store; replacing it revokes every
+token, and ``lmgateway revoke NAME`` bumps one name's generation to revoke that name's.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+log = Logger()
+PREFIX = "lmrt1"
+
+
+def revocations_path(secret_path: str) -> str:
+    return secret_path + ".revoked.json"
+
+
+def load_or_create_secret(path: str) -> bytes:
+    """The secret, created with mode 0600 on first use; never logged."""
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except FileNotFoundError:
+        secret = secrets.token_hex(32).encode()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first: use theirs
+            return load_or_create_secret(path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secret + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+    if len(secret) < 32:
+        raise ValueError(f"the secret in {path!r} is shorter than 32 bytes")
+    return secret
+
+
+def load_generations(secret_path: str) -> dict[str, int]:
+    try:
+        with open(revocations_path(secret_path), encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    return {str(k): int(v) for k, v in data.items()}
+
+
+def revoke(secret_path: str, name: str) -> int:
+    """Bump ``name``'s generation, atomically on disk; returns the new generation."""
+    generations = load_generations(secret_path)
+    generations[name] = generations.get(name, 0) + 1
+    target = revocations_path(secret_path)
+    temporary = f"{target}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump(generations, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(temporary, 0o600)
+    os.replace(temporary, target)
+    return generations[name]
+
+
+def make_token(secret: bytes, name: str, generation: int) -> str:
+    mac = hmac.new(secret, f"register\0{name}\0{generation}".encode(), hashlib.sha256).digest()
+    return f"{PREFIX}.{generation}.{base64.urlsafe_b64encode(mac).decode().rstrip('=')}"
+
+
+class RegistrationTokens(Service):
+    """Issues and checks tokens; notices a new secret or a revocation within a second."""
+
+    def __init__(self, secret_path: str, reactor, poll_interval: float = 1.0) -> None:
+        self.secret_path = secret_path
+        self._reactor = reactor
+        self._secret = b""
+        self._generations: dict[str, int] = {}
+        self._stamp = None
+        self._poll = LoopingCall(self._check)
+        self._poll.clock = reactor
+        self._poll_interval = poll_interval
+
+    def _read(self):
+        stamp = tuple(
+            (st.st_mtime_ns, st.st_ino) if st else None
+            for st in map(_stat, (self.secret_path, revocations_path(self.secret_path)))
+        )
+        if stamp == self._stamp:
+            return None
+        return stamp, load_or_create_secret(self.secret_path), load_generations(self.secret_path)
+
+    def _apply(self, result) -> None:
+        if result is not None:
+            self._stamp, self._secret, self._generations = result
+
+    def startService(self) -> None:
+        # At startup, before serving: reading a small file here blocks no one.
+        self._apply(self._read())
+        self._poll.start(self._poll_interval, now=False).addErrback(
+            lambda f: log.failure("registration token reload stopped", f))
+        super().startService()
+
+    def stopService(self):
+        if self._poll.running:
+            self._poll.stop()
+        return super().stopService()
+
+    def _check(self):
+        return deferToThread(self._read).addCallback(self._apply).addErrback(
+            lambda f: log.failure("could not re-read the registration secret", f))
+
+    def token_for(self, name: str) -> str:
+        return make_token(self._secret, name, self._generations.get(name, 0))
+
+    def is_valid(self, name: str, token) -> bool:
+        if not isinstance(token, str) or not self._secret:
+            return False
+        return hmac.compare_digest(token.encode(), self.token_for(name).encode())
+
+
+def _stat(path: str):
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
