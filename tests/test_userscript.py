@@ -292,8 +292,10 @@ async def test_route_serves_a_download_for_the_request_host(gateway_factory):
     text = body.decode("utf-8")
     assert setting(text, "GATEWAY_URL") == gw.url
     assert setting(text, "DOMAINS") == list(gw.config.domains)
+    # whatever token the gateway hands this name, the rest is exactly the rendered script
     assert text == render_script(session_name="team-alpha", gateway_url=gw.url,
-                                 domains=gw.config.domains)
+                                 domains=gw.config.domains,
+                                 registration_token=setting(text, "REGISTRATION_TOKEN"))
 
 
 @pytest_twisted.ensureDeferred

@@ -10,6 +10,7 @@ retry call; the test server answers it, so the test sees it went through unchang
 from __future__ import annotations
 
 import json
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -135,8 +136,10 @@ def browser():
 
 
 @pytest.fixture
-def gateway(daemon_factory):
-    return daemon_factory("--domains", DOMAINS, "--log-requests")
+def gateway(daemon_factory, page_port):
+    # the fetch fallback posts from the test pages' http:// origins, so they are listed
+    origins = ",".join(f"http://{d}:{page_port}" for d in DOMAINS.split(","))
+    return daemon_factory("--domains", DOMAINS, "--cors-origins", origins, "--log-requests")
 
 
 class Browsing:
@@ -197,6 +200,16 @@ def served_script(gateway) -> str:
     return body.decode()
 
 
+def posted_body(script: str, domain: str, sid: str, mid: str) -> dict:
+    """What the script posts for these ids: the four fields, and its token if it has one."""
+    body = {"domain": domain, "session_name": NAME,
+            "session_id": sid.lower(), "message_id": mid.lower()}
+    token = json.loads(re.search(r"^  var REGISTRATION_TOKEN = (.*);$", script, re.M).group(1))
+    if token is not None:
+        body["registration_token"] = token
+    return body
+
+
 def retry(page, how: str, form: str, sid: str, mid: str) -> None:
     """The page's retry call; asserts it reached the page's server unchanged and was answered."""
     result = page.evaluate("([how, form, sid, mid]) => window[how](form, sid, mid)",
@@ -236,15 +249,15 @@ def registrations(gateway) -> int:
 
 
 def test_fetch_registers_lowercased_ids_under_the_page_domain(browsing, gateway):
-    session = browsing(served_script(gateway))
+    script = served_script(gateway)
+    session = browsing(script)
     page = session.open("lmarena.ai")
     retry(page, "viaFetch", "nextjs-api", SID_A, MID_A)
     record = wait_registered(gateway, "lmarena.ai", SID_A, MID_A)
     assert record["session_name"] == NAME and record["domain"] == "lmarena.ai"
     assert stored(gateway, "canary.lmarena.ai") == {}
-    assert [json.loads(call["data"]) for call in session.gm_calls] == [{
-        "domain": "lmarena.ai", "session_name": NAME,
-        "session_id": SID_A.lower(), "message_id": MID_A.lower()}]
+    assert [json.loads(call["data"]) for call in session.gm_calls] == [
+        posted_body(script, "lmarena.ai", SID_A, MID_A)]
     assert session.gm_calls[0]["url"] == gateway.url + "/session/register"
     # what the user sees: a mark on the page that goes away by itself, and a console line
     mark = page.locator(MARK)
