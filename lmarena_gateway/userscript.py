@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from .errors import ApiError
 from .sessions import SESSION_NAME, check_session_name
@@ -97,8 +97,12 @@ def gateway_url_for(request, config) -> str:
     return f"{scheme}://{check_host(host, source)}"
 
 
-def _metadata(session_name: str, gateway_url: str, domains: tuple[str, ...]) -> list[str]:
+def _metadata(session_name: str, gateway_url: str, domains: tuple[str, ...],
+              registration_token: str | None) -> list[str]:
     update = f"{gateway_url}/userscript/generate?session_name={session_name}"
+    if registration_token is not None:
+        # the update check has no admin token: the script's own token lets it fetch itself
+        update += f"&registration_token={quote(registration_token, safe='')}"
     connect = urlsplit(gateway_url).hostname
     lines = [
         "// ==UserScript==",
@@ -140,7 +144,8 @@ def render_script(*, session_name: str, gateway_url: str, domains: tuple[str, ..
         f"  var DOMAINS = {js_literal(list(domains))};",
         f"  var REGISTRATION_TOKEN = {js_literal(registration_token)};",
     ])
-    text = "\n".join(_metadata(session_name, gateway_url, domains)) + "\n\n" \
+    text = "\n".join(_metadata(session_name, gateway_url, domains, registration_token)) \
+        + "\n\n" \
         + _BODY.replace("/*SETTINGS*/", settings)
     digest = hashlib.sha256(text.encode()).hexdigest()
     return text.replace(VERSION_MARK, f"{TEMPLATE_REVISION}.{int(digest[:8], 16)}", 1)

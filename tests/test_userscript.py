@@ -86,6 +86,13 @@ def test_registration_token_is_embedded_and_posted_only_when_given():
         in render()
 
 
+def test_the_update_url_carries_the_token_percent_encoded():
+    values = dict(metadata(render(registration_token="a b/+=&\n@x")))
+    expected = ("http://gw.example:8080/userscript/generate?session_name=team-alpha"
+                "&registration_token=a%20b%2F%2B%3D%26%0A%40x")
+    assert values["@updateURL"] == expected and values["@downloadURL"] == expected
+
+
 def test_hostile_token_cannot_leave_its_string():
     text = render(registration_token=HOSTILE)
     assert setting(text, "REGISTRATION_TOKEN") == HOSTILE
@@ -93,7 +100,7 @@ def test_hostile_token_cannot_leave_its_string():
     for bad in ("<", ">", "\u2028", "\u2029"):
         assert bad not in line
     assert "</script" not in text.lower()
-    assert not any("@require" in k for k, _ in metadata(text))
+    assert [k for k, _ in metadata(text)] == [k for k, _ in metadata(render())]
 
 
 def test_js_literal_escapes_html_and_line_separators():
@@ -296,6 +303,22 @@ async def test_route_serves_a_download_for_the_request_host(gateway_factory):
     assert text == render_script(session_name="team-alpha", gateway_url=gw.url,
                                  domains=gw.config.domains,
                                  registration_token=setting(text, "REGISTRATION_TOKEN"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_update_url_fetches_the_same_script_without_the_admin_token(gateway_factory):
+    gw = await gateway_factory(admin_token="admin-" + "x" * 20)
+    target = "/userscript/generate?session_name=team-alpha"
+    status, _, body = await call("GET", gw.url + target)
+    assert status in (401, 403)  # the admin route, asked without a token
+    status, _, body = await call("GET", gw.url + target,
+                                 headers={"Authorization": "Bearer admin-" + "x" * 20})
+    assert status == 200
+    text = body.decode()
+    update = dict(metadata(text))["@updateURL"]
+    assert "registration_token=" in update
+    status, _, again = await call("GET", update)
+    assert status == 200 and again.decode() == text
 
 
 @pytest_twisted.ensureDeferred
