@@ -45,7 +45,8 @@ local function raise_score(field, score)
   end
 end
 """
-# ARGV: field, new record JSON, now. An update keeps created_at and last_used_at.
+# ARGV: field, new record JSON, now, keep_bridge ("1"/"0"). As Registration.record: an
+# update keeps created_at and last_used_at, and with keep_bridge the bridge, key, aliases.
 UPSERT = _ANNOUNCE + """
 local value = ARGV[3]
 local old = redis.call('HGET', KEYS[1], ARGV[2])
@@ -55,6 +56,11 @@ if old then
     local new = cjson.decode(value)
     new.created_at = was.created_at
     new.last_used_at = was.last_used_at
+    if ARGV[5] == '1' then
+      new.bridge_base_url = was.bridge_base_url
+      new.bridge_api_key = was.bridge_api_key
+      new.models = was.models
+    end
     value = cjson.encode(new)
   end
 end
@@ -225,7 +231,8 @@ class RedisSessions:
     def upsert(self, registration: Registration, now: float) -> Deferred:
         record = registration.record(now, None)
         key, value = encode(record)
-        return self.script(UPSERT, key, value, repr(record.last_activity)).addCallback(
+        keep = "1" if getattr(registration, "keep_bridge", False) else "0"
+        return self.script(UPSERT, key, value, repr(record.last_activity), keep).addCallback(
             lambda reply: (int(reply[0]), decode(reply[1])))
 
     def put(self, record: SessionRecord) -> Deferred:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from attrs import evolve
 from twisted.internet.task import deferLater
 
 from conftest import SESSION, free_port, require_binary, wait_for
@@ -210,6 +211,24 @@ async def test_upsert_keeps_created_at_and_last_use(stores, redis_server):
     assert (again.created_at, again.updated_at, again.last_used_at) == (1000.0, 2000.0, 1500.0)
     assert stored(redis_server, "team-alpha")["created_at"] == "1970-01-01T00:16:40Z"
     assert stored(redis_server, "team-alpha")["models"] == {"m": "x"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_userscript_registration_keeps_the_admins_bridge_key_and_aliases(stores):
+    store = await stores()
+    await store.register(registration(bridge_base_url="http://bridge-a:5102",
+                                      bridge_api_key="k-a", models={"m": "x"}), 1000.0)
+    renewed = await store.register(
+        evolve(registration(session_id="aaaaaaaa-1234-1234-1234-123456789abc"),
+               keep_bridge=True), 2000.0)
+    assert (renewed.bridge_base_url, renewed.bridge_api_key, renewed.models) == (
+        "http://bridge-a:5102", "k-a", {"m": "x"})
+    assert renewed.session_id.startswith("aaaaaaaa") and renewed.updated_at == 2000.0
+    # what any instance would load is the same record
+    assert (await store.sessions.load())[0]["lmarena.ai/team-alpha"] == renewed
+    # an admin's registration replaces them
+    replaced = await store.register(registration(), 3000.0)
+    assert (replaced.bridge_base_url, replaced.bridge_api_key, replaced.models) == (None, None, {})
 
 
 @pytest_twisted.ensureDeferred
