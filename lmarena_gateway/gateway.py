@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from . import __version__
 from .errors import ApiError, render_error, write_json
+from .metrics import Metrics
 from .proxy import Proxy
 from .security import AdminAuth, ClientKeys, require_bridge_allowed
 from .sessions import check_domain, check_session_name, validate_registration
@@ -33,14 +34,17 @@ class Gateway:
 
     app = Klein()
 
-    def __init__(self, config, store, client, clock, *, tokens=None, client_keys=None) -> None:
+    def __init__(self, config, store, client, clock, *, tokens=None, client_keys=None,
+                 metrics=None) -> None:
         self.config = config
         self.store = store
         self.clock = clock
+        self.metrics = metrics if metrics is not None else Metrics(store, config.domains)
         self.admin = AdminAuth(config.admin_token)
         self.tokens = tokens  # RegistrationTokens, or None: only admins register
         self.proxy = Proxy(config, store, client, clock,
-                           client_keys=client_keys or (lambda: ClientKeys({})))
+                           client_keys=client_keys or (lambda: ClientKeys({})),
+                           metrics=self.metrics)
 
     def _require_admin(self, request, *, allow_basic: bool = False) -> None:
         self.admin.require(request, allow_basic=allow_basic)
@@ -192,6 +196,14 @@ class Gateway:
             self._require_admin(request, allow_basic=True)
         return serve(request, self.config, tokens=self.tokens)
 
+    # --- Prometheus metrics ---
+
+    @app.route("/metrics", methods=["GET"])
+    def scrape(self, request):
+        self._require_admin(request)
+        request.setHeader(b"Content-Type", self.metrics.content_type)
+        return self.metrics.exposition()
+
     # --- the OpenAI-compatible API ---
 
     @app.route("/v1/chat/completions", methods=["POST"])
@@ -213,9 +225,10 @@ class FrontDoor:
 
     isLeaf = True
 
-    def __init__(self, inner, config) -> None:
+    def __init__(self, inner, config, metrics=None) -> None:
         self.inner = inner
         self.config = config
+        self.metrics = metrics
 
     def getChildWithDefault(self, name, request):
         return self
@@ -245,6 +258,9 @@ class FrontDoor:
             request.setHeader(b"Access-Control-Expose-Headers", b"X-Request-ID")
         if self.config.log_requests:
             request.notifyFinish().addBoth(self._log, request, started)
+        if self.metrics is not None:
+            request.notifyFinish().addBoth(
+                lambda _: self.metrics.request_done(request, time.monotonic() - started))
         if getattr(request, "too_large", False):
             request.setResponseCode(413)
             request.setHeader(b"Content-Type", b"application/json")
@@ -312,7 +328,7 @@ class GatewaySite(Site):
 
 
 def make_site(gateway: Gateway) -> GatewaySite:
-    site = GatewaySite(FrontDoor(gateway.app.resource(), gateway.config))
+    site = GatewaySite(FrontDoor(gateway.app.resource(), gateway.config, gateway.metrics))
     site.requestFactory = type("Request", (GatewayRequest,), {
         "body_cap": max(gateway.config.max_body, MAX_SESSION_BODY)})
     site.displayTracebacks = False

@@ -22,6 +22,7 @@ from twisted.web.http_headers import Headers
 
 from .config import GatewayConfig
 from .errors import ApiError, envelope
+from .metrics import Metrics
 from .security import require_bridge_allowed
 from .sessions import SessionRecord, check_domain, check_session_name
 
@@ -119,8 +120,11 @@ class _Relay(Protocol):
     """Writes the bridge's body to the client as it arrives; never re-assembles it."""
 
     def __init__(self, request, clock, *, sse: bool, idle_timeout: float,
-                 keepalive: float, upstream_url: str, finished: Deferred) -> None:
+                 keepalive: float, upstream_url: str, finished: Deferred,
+                 metrics: Metrics | None = None, sent_at: float = 0.0) -> None:
         self.request = request
+        self.metrics = metrics
+        self.sent_at = sent_at  # when the bridge request left: the first byte's clock
         self.clock = clock
         self.sse = sse
         self.idle_timeout = idle_timeout
@@ -146,6 +150,10 @@ class _Relay(Protocol):
         if self.stopped:
             return
         self.request.write(data)
+        if self.metrics is not None:
+            if not self.bytes:
+                self.metrics.first_byte(time.monotonic() - self.sent_at, stream=self.sse)
+            self.metrics.relayed(len(data))
         self.bytes += len(data)
         if self.sse and not self.seen_done:
             self.seen_done = DONE in self.tail[-len(DONE):] + data
@@ -170,6 +178,8 @@ class _Relay(Protocol):
         self.transport.stopProducing()
 
     def _end_with_error(self, message: str, code: str) -> None:
+        if self.metrics is not None:
+            self.metrics.upstream_error(code)
         self.stopped = True
         self._cancel_timers()
         if self.sse:
@@ -234,11 +244,13 @@ def request_id(request) -> str:
 class Proxy:
     """The /v1 routes' logic; ``client`` is a treq HTTPClient or a StubTreq."""
 
-    def __init__(self, config: GatewayConfig, store, client, clock, *, client_keys=None) -> None:
+    def __init__(self, config: GatewayConfig, store, client, clock, *, client_keys=None,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
         self.store = store
         self.client = client
         self.clock = clock
+        self.metrics = metrics if metrics is not None else Metrics()
         self.client_keys = client_keys  # a callable giving the current ClientKeys, or None
 
     # --- session resolution ---
@@ -321,11 +333,13 @@ class Proxy:
         response = yield self._send(b"GET", upstream, "/v1/models", None, record, rid)
         body = yield self._read_capped(response)
         if response.code >= 400:
+            self.metrics.upstream_error(_BRIDGE_CODES.get(response.code, "BRIDGE_ERROR"))
             return self._error_response(request, response.code, normalize_error(response.code, body))
         try:
             listing = json.loads(body)
             models = list(listing["data"])
         except (ValueError, KeyError, TypeError):
+            self.metrics.upstream_error("BRIDGE_BAD_RESPONSE")
             raise ApiError(502, "BRIDGE_BAD_RESPONSE",
                            f"the bridge at {upstream.base_url} sent an unreadable model list",
                            "bridge_error") from None
@@ -363,6 +377,7 @@ class Proxy:
             if timer.active():
                 timer.cancel()
             if failure.check(TimeoutError) or (timed_out and failure.check(CancelledError)):
+                self.metrics.upstream_error("BRIDGE_TIMEOUT")
                 raise ApiError(504, "BRIDGE_TIMEOUT",
                                f"the bridge at {upstream.base_url} did not answer in time",
                                "bridge_error")
@@ -370,6 +385,7 @@ class Proxy:
                 return failure
             if failure.check(ConnectError, DNSLookupError, ResponseFailed, ConnectionError):
                 log.info("bridge {url} unreachable: {why}", url=url, why=failure.getErrorMessage())
+                self.metrics.upstream_error("BRIDGE_UNAVAILABLE")
                 raise ApiError(502, "BRIDGE_UNAVAILABLE",
                                f"the bridge at {upstream.base_url} is unreachable",
                                "bridge_error")
@@ -388,10 +404,15 @@ class Proxy:
         request.setHeader(b"Content-Type", b"application/json")
         return json.dumps(payload).encode()
 
+    def _stream_closed(self, result):
+        self.metrics.stream_closed()
+        return result
+
     def _forward(self, request, record, path: str, data: bytes, *, sse: bool) -> Deferred:
         upstream = upstream_for(record, self.config)
         rid = request_id(request)
         request.setHeader(b"X-Request-ID", rid.encode())
+        sent_at = time.monotonic()
         pending = self._send(b"POST", upstream, path, data, record, rid)
         relay: list[_Relay] = []
 
@@ -405,6 +426,7 @@ class Proxy:
 
         def answered(response):
             if response.code >= 300:
+                self.metrics.upstream_error(_BRIDGE_CODES.get(response.code, "BRIDGE_ERROR"))
                 return self._read_capped(response).addCallback(
                     lambda body: finished.callback(
                         self._error_response(request, response.code,
@@ -420,8 +442,11 @@ class Proxy:
             protocol = _Relay(request, self.clock, sse=sse,
                               idle_timeout=self.config.stream_idle_timeout,
                               keepalive=self.config.keepalive,
-                              upstream_url=upstream.base_url, finished=finished)
+                              upstream_url=upstream.base_url, finished=finished,
+                              metrics=self.metrics, sent_at=sent_at)
             relay.append(protocol)
+            self.metrics.stream_opened()  # finished fires once, however the relay ends
+            finished.addBoth(self._stream_closed)
             response.deliverBody(protocol)
 
         def failed(failure):

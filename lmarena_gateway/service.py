@@ -10,6 +10,7 @@ from twisted.logger import Logger
 
 from .config import GatewayConfig
 from .gateway import Gateway, make_site
+from .metrics import Metrics
 from .proxy import make_http_client
 from .security import ClientKeyService
 from .store import DBMSessionStore
@@ -22,10 +23,11 @@ DAY = 86400.0
 class Pruner:
     """One pruning pass; it logs its own errors so the timer never stops."""
 
-    def __init__(self, store, clock, days: float) -> None:
+    def __init__(self, store, clock, days: float, *, metrics: Metrics | None = None) -> None:
         self.store = store
         self.clock = clock
         self.days = days
+        self.metrics = metrics
         self.running: Deferred | None = None
 
     def __call__(self) -> None:
@@ -49,7 +51,11 @@ class Pruner:
             pruned = yield self.store.prune(self.clock.seconds() - self.days * DAY)
         except Exception:
             log.failure("pruning failed; will try again at the next interval")
+            if self.metrics is not None:
+                self.metrics.pruning_failed()
             return {}
+        if self.metrics is not None:
+            self.metrics.pruned(pruned)
         if pruned:
             log.info("pruned {total} idle sessions: {per_domain}",
                      total=sum(pruned.values()), per_domain=pruned)
@@ -87,7 +93,10 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
         pool_service.setName("bridge-connections")
         pool_service.setServiceParent(root)
 
-    pruner = TimerService(config.cleanup_interval, Pruner(store, reactor, config.cleanup_days))
+    # One registry per gateway, shared by the routes, the proxy and the pruner.
+    metrics = Metrics(store, config.domains)
+    pruner = TimerService(config.cleanup_interval,
+                          Pruner(store, reactor, config.cleanup_days, metrics=metrics))
     pruner.clock = reactor
     pruner.setName("pruner")
     pruner.setServiceParent(root)
@@ -104,7 +113,8 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
     if not config.admin_token:
         log.info("no admin token configured: admin routes answer loopback clients only")
 
-    gateway = Gateway(config, store, client, reactor, tokens=tokens, client_keys=keys)
+    gateway = Gateway(config, store, client, reactor, tokens=tokens, client_keys=keys,
+                      metrics=metrics)
     site = make_site(gateway)
     for index, description in enumerate(config.listen):
         listener = StreamServerEndpointService(serverFromString(reactor, description), site)
