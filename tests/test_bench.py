@@ -1,0 +1,97 @@
+"""The benchmark's pieces, without running it: its client's parser, its report, its nginx file.
+
+The benchmark itself is a script (bench/run.py); these only keep it from rotting.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import require_binary
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import loadgen  # noqa: E402
+import run  # noqa: E402
+from procs import nginx_config  # noqa: E402
+
+
+def chunked(*pieces: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+def test_response_parser_times_each_event_across_split_reads():
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = chunked(b"data: {\"a\": 1}\n\n", b": keep-alive\n\n", b"data: {\"b\"",
+                   b": 2}\n\ndata: [DONE]\n\n")
+    raw = head + body
+    response = loadgen.Response()
+    moments = []
+    for index in range(0, len(raw), 7):  # 7-byte reads split every boundary somewhere
+        moments.append(float(index))
+        complete = response.feed(raw[index:index + 7], float(index))
+        assert complete == (index + 7 >= len(raw))
+    assert response.status == 200
+    assert response.done_seen
+    assert len(response.events) == 3  # the keep-alive comment is not an event
+    assert response.events == sorted(response.events)
+    assert response.body_bytes == len(b"data: {\"a\": 1}\n\n: keep-alive\n\ndata: {\"b\": 2}\n\n"
+                                      b"data: [DONE]\n\n")
+
+
+def test_response_parser_with_a_content_length():
+    response = loadgen.Response()
+    assert response.feed(b"HTTP/1.1 404 Not Found\r\nContent-Length: 5\r\n\r\nab", 0.0) is False
+    assert response.feed(b"cde", 1.0) is True
+    assert response.status == 404
+    assert loadgen.summarize(response, 0.0, 1.0, expected=1) == "status 404"
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert loadgen.percentile(values, 50) == 50.0
+    assert loadgen.percentile(values, 99) == 99.0
+    assert loadgen.percentile([], 50) is None
+
+
+def test_loadgen_refuses_other_hosts():
+    with pytest.raises(SystemExit):
+        loadgen.parse_args(["stream", "--host", "192.0.2.1", "--port", "1", "--events", "3"])
+
+
+def test_settings_quick_and_overrides():
+    quick = run.parse_args(["--quick"])
+    assert quick.runs == 1 and quick.streams < 1000
+    full = run.parse_args(["--streams", "9900", "--only", "3"])
+    assert full.runs >= 3 and full.streams == 9900 and full.workloads == ("3",)
+
+
+def test_table_ratios_and_targets_from_medians():
+    settings = run.parse_args(["--runs", "3"])
+    runs = {"models c=50": {
+        "direct": [{"rps": 1000.0}, {"rps": 900.0}, {"rps": 1100.0}],
+        "nginx": [{"rps": 800.0}] * 3,
+        "gateway": [{"rps": 300.0}, {"rps": 200.0}, {"rps": 400.0}]}}
+    medians = run.medians(runs)
+    assert medians["models c=50"]["gateway"]["rps"] == 300.0
+    text = run.table(medians, settings)
+    line = next(line for line in text.splitlines() if line.startswith("models c=50  req/s"))
+    assert line.split()[-6:] == ["1000", "800", "300", "0.80", "0.30", "0.38"]
+    checks = run.targets(medians, settings)
+    assert checks == [("models c=50 throughput >= 0.25 of direct (aim 0.4)", "0.30", True)]
+
+
+def test_nginx_config_is_valid(tmp_path):
+    nginx = require_binary("nginx", "/usr/sbin/nginx")
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(nginx_config(tmp_path, 8, 9))
+    assert "proxy_buffering off;" in conf.read_text()
+    checked = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(conf),
+                              "-e", str(tmp_path / "error.log")], capture_output=True, text=True,
+                             timeout=30)
+    assert checked.returncode == 0, checked.stderr
