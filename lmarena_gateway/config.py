@@ -76,6 +76,8 @@ def _split(value: str) -> tuple[str, ...]:
 
 
 def parse_http_url(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]+", value) or "'" in value:
+        raise ValueError(f"{value!r} is not an absolute http(s) URL of plain characters")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{value!r} is not an absolute http(s) URL")

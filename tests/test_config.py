@@ -96,6 +96,9 @@ BAD = [
     (["--bridge-api-key=has space"], {}, "--bridge-api-key", "printable"),
     ([], {"DEBUG_MODE": "maybe"}, "DEBUG_MODE", "true or false"),
     (["--public-url=javascript:alert(1)"], {}, "--public-url", "http(s)"),
+    (["--public-url=http://gw.example/\n// @require http://evil"], {}, "--public-url", "plain characters"),
+    ([], {"LMARENA_BRIDGE_BASE_URL": "http://h:1/a b"}, "LMARENA_BRIDGE_BASE_URL", "plain characters"),
+    (["--bridge-url=http://h/\"x"], {}, "--bridge-url", "plain characters"),
 ]
 
 
