@@ -198,12 +198,17 @@ def _parse_public_url(value: str) -> str | None:
 def _read_admin_token_file(value: str) -> str:
     try:
         with open(value, encoding="utf-8") as f:
-            return _parse_admin_token(f.read().strip())
+            token = f.read().strip()
     except OSError as e:
         raise ValueError(f"cannot read {value!r}: {e.strerror}") from None
+    if not token:
+        raise ValueError(f"{value!r} is empty")
+    return _parse_admin_token(token)
 
 
-def _parse_admin_token(value: str) -> str:
+def _parse_admin_token(value: str) -> str | None:
+    if not value:
+        return None  # an empty variable is an unset one
     if not re.fullmatch(r"[\x21-\x7e]{16,512}", value):
         raise ValueError("the admin token must be 16-512 printable ASCII characters, no spaces")
     return value
