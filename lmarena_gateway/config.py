@@ -255,7 +255,9 @@ def _parse_count(value: str) -> int:
     return int(value)
 
 
-def _parse_secret_file(value: str) -> str:
+def _parse_secret_file(value: str) -> str | None:
+    if not value:
+        return None
     directory = os.path.dirname(os.path.abspath(value))
     if not os.path.isdir(directory):
         raise ValueError(f"directory {directory!r} does not exist")
