@@ -14,6 +14,7 @@ store (redis_store) and the CLI (:class:`RedisSessionFile`) share these commands
 
 from __future__ import annotations
 
+import os
 import threading
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -131,6 +132,7 @@ class RedisAddress:
     db: int = 0
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    ca: str | None = None  # rediss://: PEM file of the CA to trust instead of the system's
 
     def display(self) -> str:
         """The address without the password, for logs, stats and /health."""
@@ -142,23 +144,33 @@ class RedisAddress:
             return UNIXClientEndpoint(reactor, self.path, timeout=timeout)
         endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
         if self.scheme == "rediss":
-            from twisted.internet.ssl import optionsForClientTLS
+            from twisted.internet.ssl import Certificate, optionsForClientTLS
 
-            endpoint = wrapClientTLS(optionsForClientTLS(self.host), endpoint)
+            trust = None
+            if self.ca:  # read once, when the store starts and before anything is served
+                with open(self.ca, "rb") as pem:
+                    trust = Certificate.loadPEM(pem.read())
+            endpoint = wrapClientTLS(optionsForClientTLS(self.host, trustRoot=trust), endpoint)
         return endpoint
 
 
 def parse_address(url: str) -> RedisAddress:
-    """``redis://[[user]:password@]host[:port][/db]``, ``unix://[...@]/path[?db=N]``."""
+    """``redis://[[user]:password@]host[:port][/db]``, ``rediss://...[?ca=PEM]``,
+    ``unix://[...@]/path[?db=N]``."""
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"{url!r} is not a redis://, rediss:// or unix:// URL")
     query = parse_qs(parts.query, keep_blank_values=True)
-    if set(query) - {"db"} or parts.fragment:
-        raise ValueError("the only query parameter a Redis URL takes is db")
+    allowed = {"db", "ca"} if parts.scheme == "rediss" else {"db"}
+    if set(query) - allowed or parts.fragment:
+        raise ValueError(f"the query parameters a {parts.scheme}:// URL takes are: "
+                         f"{', '.join(sorted(allowed))}")
     db = query.get("db", [""])[-1]
+    ca = query.get("ca", [None])[-1]
+    if ca is not None and not os.path.isfile(ca):
+        raise ValueError(f"ca={ca!r} is not a file")
     common = {"username": unquote(parts.username) if parts.username else None,
-              "password": unquote(parts.password) if parts.password else None}
+              "password": unquote(parts.password) if parts.password else None, "ca": ca}
     if parts.scheme == "unix":
         path = unquote(parts.path)
         if not path.startswith("/"):

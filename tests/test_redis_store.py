@@ -22,7 +22,7 @@ from twisted.internet.task import deferLater
 from conftest import SESSION, free_port, require_binary, wait_for
 from lmarena_gateway.config import ConfigError, build_config
 from lmarena_gateway.errors import ApiError
-from lmarena_gateway.redis_sessions import encode, parse_address
+from lmarena_gateway.redis_sessions import connect, encode, parse_address
 from lmarena_gateway.redis_store import RedisSessionStore
 from lmarena_gateway.sessions import validate_registration
 
@@ -69,12 +69,13 @@ def _reply(stream):
 class RedisServer:
     """redis-server on a free loopback port, durable as the README asks: AOF, fsync always."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, extra=()) -> None:
         self.binary = require_binary("redis-server")
         self.port = free_port()
         self.dir = directory / f"redis-{self.port}"
         self.dir.mkdir()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.extra = list(extra)
         self.process: subprocess.Popen | None = None
 
     def start(self) -> RedisServer:
@@ -82,7 +83,7 @@ class RedisServer:
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
              "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-             "--dir", str(self.dir), "--daemonize", "no"],
+             "--dir", str(self.dir), "--daemonize", "no", *self.extra],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
         wait_for(self.answers, 10, what="redis-server to answer PING")
@@ -171,7 +172,9 @@ def test_redis_urls_parse_into_addresses():
     ("redis://", "names no host"),
     ("redis://h:99999/0", "invalid port"),
     ("redis://h/zero", "must be a number"),
-    ("redis://h/0?timeout=3", "only query parameter"),
+    ("redis://h/0?timeout=3", "query parameters a redis:// URL takes are: db"),
+    ("redis://h/0?ca=/etc/hostname", "query parameters a redis:// URL takes are: db"),
+    ("rediss://h/0?ca=/nonexistent.pem", "is not a file"),
     ("unix://relative.sock", "absolute socket path"),
 ])
 def test_bad_redis_urls_are_one_line_config_errors(url, problem):
@@ -390,6 +393,68 @@ async def test_changes_missed_while_unsubscribed_arrive_by_reloading(stores, red
     await until(lambda: b.health()["status"] == "ok", 10, "B to resubscribe")
     assert b.reloads == reloads + 1
     assert sorted(r.session_name for r in b.records()) == ["arrives", "stays"]
+
+
+def make_certificates(directory: Path, name: str) -> tuple[Path, Path, Path]:
+    """A CA of our own and a certificate it signed for localhost: (ca, cert, key) PEM files."""
+    from datetime import datetime, timedelta, timezone
+    from ipaddress import ip_address
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.now(timezone.utc)
+
+    def certificate(subject, key, issuer, issuer_key, extensions):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - timedelta(minutes=5))
+                   .not_valid_after(now + timedelta(days=1)))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
+    ca = certificate(ca_name, ca_key, ca_name, ca_key,
+                     [(x509.BasicConstraints(ca=True, path_length=None), True)])
+    server = certificate(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), server_key, ca_name,
+        ca_key, [(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                               x509.IPAddress(ip_address("127.0.0.1"))]), False)])
+    paths = [directory / f"{name}-{part}.pem" for part in ("ca", "cert", "key")]
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return paths[0], paths[1], paths[2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_rediss_checks_the_server_against_the_given_ca(tmp_path, reactor):
+    ca, cert, key = make_certificates(tmp_path, "ours")
+    stranger, _, _ = make_certificates(tmp_path, "stranger")
+    tls_port = free_port()
+    server = RedisServer(tmp_path, ["--tls-port", str(tls_port), "--tls-cert-file", str(cert),
+                                    "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                                    "--tls-auth-clients", "no"]).start()
+    store = RedisSessionStore.from_url(f"rediss://localhost:{tls_port}/0?ca={ca}", reactor)
+    store.startService()
+    try:
+        await until(lambda: store.health()["status"] == "ok", 10, "a TLS connection")
+        await store.register(registration(), 1000.0)
+        assert stored(server, "team-alpha") is not None
+        # a server whose certificate our CA did not sign is refused
+        doubted = connect(parse_address(f"rediss://localhost:{tls_port}/0?ca={stranger}"),
+                          reactor, timeout=2, reconnect=False)
+        with pytest.raises(ValueError, match="could not"):
+            await doubted.deferred
+    finally:
+        await store.stopService()
+        server.kill()
 
 
 @pytest_twisted.ensureDeferred
