@@ -273,7 +273,11 @@ class RedisSessions:
             if not batch:
                 break
             reply = yield self.script(PRUNE, repr(cutoff), *batch)
-            removed += [(int(reply[i]), decode(reply[i + 1])) for i in range(0, len(reply), 2)]
+            for rev, value in zip(reply[::2], reply[1::2]):
+                try:
+                    removed.append((int(rev), decode(value)))
+                except (ValueError, KeyError, TypeError):
+                    pass  # an unreadable record is gone too; there is nothing to report of it
         return removed
 
     @inlineCallbacks

@@ -326,6 +326,10 @@ async def test_a_new_instance_loads_everything_and_skips_unreadable_records(stor
     b = await stores()
     assert len(b.records()) == 1200 and b.get("lmarena.ai", "broken") is None
     assert b.get("lmarena.ai", "s1199") == a.get("lmarena.ai", "s1199")
+    # pruning removes it like any idle session, without tripping over it
+    redis_server("ZADD", "lmgw:activity", 1, "lmarena.ai/broken")
+    assert await b.prune(500.0) == {}
+    assert redis_server("HEXISTS", "lmgw:sessions", "lmarena.ai/broken") == 0
 
 
 @pytest_twisted.ensureDeferred
