@@ -151,6 +151,7 @@ class Client(asyncio.Protocol):
         self.waiter: asyncio.Future | None = None
         self.sent_at = 0.0
         self.closed = False
+        self.on_first_event = None  # called once, when the answer has begun streaming
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -163,7 +164,13 @@ class Client(asyncio.Protocol):
         return self.waiter
 
     def data_received(self, data: bytes) -> None:
-        if self.response is not None and self.response.feed(data, time.perf_counter()):
+        if self.response is None:
+            return
+        complete = self.response.feed(data, time.perf_counter())
+        if self.on_first_event is not None and self.response.events:
+            self.on_first_event, first = None, self.on_first_event
+            first()
+        if complete:
             self._settle(None)
 
     def connection_lost(self, exc) -> None:
@@ -275,17 +282,23 @@ async def open_mode(args, request: bytes) -> dict:
                 seen["peak_rss_kib"] = max(seen["peak_rss_kib"], proc_sample(pid)["rss_kib"])
             await asyncio.sleep(0.2)
 
+    def streaming() -> None:
+        state["open"] += 1
+        state["peak_open"] = max(state["peak_open"], state["open"])
+
     async def one() -> None:
+        # "Open" counts streams whose answer has begun and not ended: held by the server,
+        # not waiting in its accept queue.
         client = None
         try:
             client = await _connect(args.host, args.port)
+            client.on_first_event = streaming
             waiter = client.send(request)
-            state["open"] += 1
-            state["peak_open"] = max(state["peak_open"], state["open"])
             try:
                 response = await asyncio.wait_for(waiter, args.timeout)
             finally:
-                state["open"] -= 1
+                if client.on_first_event is None:  # it had begun
+                    state["open"] -= 1
             result = summarize(response, client.sent_at, time.perf_counter(), args.events)
         except (OSError, asyncio.TimeoutError) as e:
             result = f"{type(e).__name__}: {e}"[:80]

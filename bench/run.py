@@ -33,8 +33,11 @@ from procs import BENCH, raise_fd_limit, register, start_bridge, start_gateway, 
 
 PATHS = ("direct", "nginx", "gateway")
 FD_HEADROOM = 200  # listening sockets, logs, the store, epoll, pipes
-QUICK = {"runs": 1, "duration": 1.0, "streams": 200, "rate": 500.0, "sessions": 10_000}
-FULL = {"runs": 3, "duration": 3.0, "streams": 1000, "rate": 1000.0, "sessions": 100_000}
+# Workload 3 opens 200 streams a second: what the gateway can set up on a busy 2-core
+# machine (about 3 ms of CPU each); faster, it queues them, which measures the opening
+# rate rather than holding.
+QUICK = {"runs": 1, "duration": 1.0, "streams": 200, "rate": 200.0, "sessions": 10_000}
+FULL = {"runs": 3, "duration": 3.0, "streams": 1000, "rate": 200.0, "sessions": 100_000}
 
 
 @frozen
@@ -105,6 +108,7 @@ def rows(settings: Settings) -> list[tuple[str, str, str, dict]]:
     case = f"open {settings.streams}"
     spec += [(case, "completed", f"{case}  completed", {}),
              (case, "peak_open", f"{case}  open at once", {}),
+             (case, "ttfb_p99_ms", f"{case}  TTFB p99 ms", {}),
              (case, "proxy_rss_per_stream_kib", f"{case}  KiB RSS/stream", {}),
              (case, "proxy_peak_rss_mib", f"{case}  peak RSS MiB", {}),
              (case, "proxy_cpu_ms_per_stream", f"{case}  CPU ms/stream", {}),

@@ -127,7 +127,9 @@ def w2_streaming(targets: dict[str, Target], settings, log) -> dict:
 def w3_open_streams(settings, workdir: Path, log) -> dict:
     """N long streams at once, one chunk a second; fresh processes for every run."""
     ramp = settings.streams / settings.rate
-    chunks = math.ceil(ramp) + 4  # every stream still open when the last one opens
+    # Streams outlast the ramp by half again plus 5 s, so all are open at once even if
+    # opening falls behind the planned rate.
+    chunks = math.ceil(ramp * 1.5) + 5
     events = events_for(chunks)
     timeout = ramp + chunks + 120
     results: dict = {}
