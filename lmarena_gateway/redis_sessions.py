@@ -221,6 +221,20 @@ class RedisSessions:
     def connected(self) -> bool:
         return self.factory.size > 0
 
+    def wait_connected(self) -> Deferred:
+        """Fires once a connection is up, or fails after the timeout: for background work
+        (reloads, pruning) that may wait for a reconnection, unlike a client's request."""
+        from twisted.internet.task import deferLater
+
+        d = self.factory.getConnection(peek=True).addTimeout(self.timeout, self.clock)
+
+        def failed(failure):
+            failure.trap(*REDIS_ERRORS)
+            raise unavailable(f"no connection within {self.timeout:g} s")
+
+        # The pool hands the connection out before it counts it: let it finish first.
+        return d.addCallbacks(lambda _: deferLater(self.clock, 0, lambda: None), failed)
+
     def _call(self, method: str, *args) -> Deferred:
         """Fails at once while disconnected: a caller must never wait on a reconnection."""
         if not self.connected:

@@ -171,6 +171,7 @@ class RedisSessionStore(Service):
 
     @inlineCallbacks
     def prune(self, cutoff: float):
+        yield self.sessions.wait_connected()  # the first pass runs while still connecting
         yield self.flush()  # our own recent uses must count before anything is judged idle
         removed = yield self.sessions.prune(cutoff)
         pruned: Counter = Counter()
@@ -229,6 +230,8 @@ class RedisSessionStore(Service):
             return
         generation, self._syncing = self._generation, []
         try:
+            # The subscription may be back before the command connection is.
+            yield self.sessions.wait_connected()
             # Every change up to this rev is in what load() reads; later ones are heard.
             rev = int((yield self.sessions.command("GET", self.sessions.keys[2])) or 0)
             records, broken = yield self.sessions.load()
