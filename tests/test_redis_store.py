@@ -462,6 +462,24 @@ async def test_rediss_checks_the_server_against_the_given_ca(tmp_path, reactor):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_unix_socket_and_a_database_number(tmp_path, reactor):
+    socket_path = tmp_path / "redis.sock"
+    server = RedisServer(tmp_path, ["--unixsocket", str(socket_path)]).start()
+    store = RedisSessionStore.from_url(f"unix://{socket_path}?db=3", reactor)
+    store.startService()
+    try:
+        await until(lambda: store.health()["status"] == "ok", 10, "the store to connect")
+        await store.register(registration(), 1000.0)
+        assert server("HLEN", "lmgw:sessions") == 0  # db 0 stays empty; db 3 has it
+        assert server("EVAL", "redis.call('SELECT', 3) return redis.call('HLEN', KEYS[1])",
+                      1, "lmgw:sessions") == 1
+        assert store.health()["redis"] == f"unix://{socket_path}/3"
+    finally:
+        await store.stopService()
+        server.kill()
+
+
+@pytest_twisted.ensureDeferred
 async def test_health_reports_the_backend(stores):
     health = (await stores()).health()
     assert health["backend"] == "redis" and health["status"] == "ok"
