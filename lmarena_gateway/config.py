@@ -369,4 +369,10 @@ def build_config(options: Mapping[str, object], environ: Mapping[str, str]) -> G
             _parse_storage(DEFAULT_STORAGE)
         except ValueError as e:
             raise ConfigError(f"--storage: {e}") from None
-    return GatewayConfig(**values)
+    config = GatewayConfig(**values)
+    secret_dir = os.path.dirname(os.path.abspath(config.registration_secret_file))
+    try:
+        os.makedirs(secret_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--secret-file: cannot create directory {secret_dir!r}: {e.strerror}") from None
+    return config

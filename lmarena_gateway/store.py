@@ -20,7 +20,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import Attribute, Interface, implementer
 
 from . import sqlitedbm
-from .sessions import Registration, SessionRecord, iso, record_is_valid, session_key
+from .sessions import Registration, SessionRecord, iso, session_key
 
 PRUNE_BATCH = 1000
 
@@ -164,7 +164,7 @@ class DBMSessionStore(Service):
     log = Logger()
 
     def __init__(self, path: str, reactor, *, poll_interval: float = 0.5,
-                 flush_interval: float = 60.0, max_per_domain: int | None = None) -> None:
+                 flush_interval: float = 60.0) -> None:
         self.path = path
         self._reactor = reactor
         self._cache: dict[str, SessionRecord] = {}
@@ -298,6 +298,3 @@ class DBMSessionStore(Service):
             lambda f: self.log.failure("session store: reload failed", f)
         )
 
-
-def valid_records(records: Iterable[SessionRecord], domains) -> list[SessionRecord]:
-    return [r for r in records if record_is_valid(r, domains)]
