@@ -101,18 +101,22 @@ class FakeBridge:
             return self._json(request, status, _ERRORS.get(status, {"detail": f"error {status}"}))
         return None
 
-    @app.route("/v1/chat/completions", methods=["POST"])
-    def chat(self, request):
+    def _admit(self, request):
+        """Read, note and vet a POST as the bridge does: (body, None) or (body, refusal)."""
         body = self._body(request)
         self._note(request, body)
         refused = self._refuse(request)
+        if refused is None and not isinstance(body, dict):
+            refused = self._json(request, 400, {"detail": "Invalid JSON request body"})
+        if refused is None:
+            refused = self._error_model(request, body)
+        return body, refused
+
+    @app.route("/v1/chat/completions", methods=["POST"])
+    def chat(self, request):
+        body, refused = self._admit(request)
         if refused is not None:
             return refused
-        if not isinstance(body, dict):
-            return self._json(request, 400, {"detail": "Invalid JSON request body"})
-        error = self._error_model(request, body)
-        if error is not None:
-            return error
         model = str(body.get("model"))
         created = int(self.clock.seconds())
         if body.get("stream") is not True:
@@ -154,16 +158,9 @@ class FakeBridge:
 
     @app.route("/v1/images/generations", methods=["POST"])
     def images(self, request):
-        body = self._body(request)
-        self._note(request, body)
-        refused = self._refuse(request)
+        body, refused = self._admit(request)
         if refused is not None:
             return refused
-        if not isinstance(body, dict):
-            return self._json(request, 400, {"detail": "Invalid JSON request body"})
-        error = self._error_model(request, body)
-        if error is not None:
-            return error
         return self._json(request, 200, {"created": int(self.clock.seconds()), "data": [
             {"url": "https://example.invalid/fake-image.png",
              "revised_prompt": str(body.get("prompt", ""))}]})

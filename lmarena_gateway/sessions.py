@@ -75,18 +75,10 @@ class SessionRecord:
 
     def public(self) -> dict:
         """What /session/list shows: everything but the bridge key."""
-        return {
-            "domain": self.domain,
-            "session_name": self.session_name,
-            "session_id": self.session_id,
-            "message_id": self.message_id,
-            "bridge_base_url": self.bridge_base_url,
-            "has_bridge_api_key": self.bridge_api_key is not None,
-            "models": dict(self.models),
-            "created_at": iso(self.created_at),
-            "updated_at": iso(self.updated_at),
-            "last_used_at": iso(self.last_used_at) if self.last_used_at else None,
-        }
+        shown = self.to_json()
+        del shown["bridge_api_key"]
+        return {"domain": self.domain, "session_name": self.session_name, **shown,
+                "has_bridge_api_key": self.bridge_api_key is not None}
 
     def to_json(self) -> dict:
         """The stored and exported form: the PHP gateway's fields plus ours."""
