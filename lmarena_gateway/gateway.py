@@ -19,7 +19,7 @@ from zope.interface import implementer
 from . import __version__
 from .errors import ApiError, render_error, write_json
 from .metrics import Metrics
-from .proxy import Proxy
+from .proxy import Proxy, request_id
 from .security import AdminAuth, ClientKeys, require_bridge_allowed
 from .sessions import check_domain, check_session_name, validate_registration
 
@@ -252,6 +252,8 @@ class FrontDoor:
 
     def render(self, request):
         started = time.monotonic()
+        request.request_id = request_id(request)
+        request.setHeader(b"X-Request-ID", request.request_id.encode())
         origin = self._allow_origin(request)
         if origin:
             request.setHeader(b"Access-Control-Allow-Origin", origin)
@@ -275,15 +277,20 @@ class FrontDoor:
         return self.inner.render(request)
 
     def _log(self, result, request, started):
+        v1 = request.path.startswith(b"/v1/")
+        session = request.getHeader(b"x-session-name") or (b"default" if v1 else b"-")
+        domain = request.getHeader(b"x-target-domain") or (b"lmarena.ai" if v1 else b"-")
         log.info(
             "{method} {path} {status} {bytes}B {ms:.1f}ms session={session} domain={domain}",
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1"),
-            status=request.code,
+            # a client that left before the end is logged as nginx does: 499
+            status=request.code if result is None else 499,
             bytes=request.sentLength,
             ms=(time.monotonic() - started) * 1000,
-            session=(request.getHeader(b"x-session-name") or b"-").decode("latin-1")[:64],
-            domain=(request.getHeader(b"x-target-domain") or b"-").decode("latin-1")[:64],
+            session=session.decode("latin-1")[:64],
+            domain=domain.decode("latin-1")[:64],
+            request_id=request.request_id,
             disconnected=result is not None,
         )
 

@@ -1,8 +1,6 @@
-"""The OpenAI-compatible routes' work: pick the bridge, forward, relay the answer.
+"""The OpenAI-compatible routes' work: resolve the session, pick the bridge, forward.
 
-Streams are relayed chunk by chunk: a small protocol receives the bridge's body and
-writes each chunk to the client at once, with the bridge connection registered as the
-request's producer, so a slow client pauses the bridge instead of filling memory.
+What comes back is relayed by :mod:`lmarena_gateway.relay`.
 """
 
 from __future__ import annotations
@@ -15,21 +13,35 @@ import uuid
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.error import ConnectingCancelledError, ConnectError, DNSLookupError, TimeoutError
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 
 from .config import GatewayConfig
-from .errors import ApiError, envelope
+from .errors import ApiError
 from .metrics import Metrics
+from .relay import Relay, normalize_error, read_capped, set_status
 from .security import require_bridge_allowed
 from .sessions import SessionRecord, check_domain, check_session_name
 
 log = Logger()
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
-DONE = b"data: [DONE]"
-MAX_ERROR_BODY = 64 * 1024
+
+
+def _cancelled(failure) -> bool:
+    """A cancellation, however the HTTP client wrapped it."""
+    if failure.check(CancelledError, ConnectingCancelledError):
+        return True
+    if failure.check(ResponseFailed):
+        return any(_cancelled(reason) for reason in failure.value.reasons)
+    return False
+
+
+def _why(failure) -> str:
+    """One readable reason, not a repr of nested Failures."""
+    if failure.check(ResponseFailed) and failure.value.reasons:
+        return _why(failure.value.reasons[0])
+    return failure.getErrorMessage() or failure.type.__name__
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -74,165 +86,11 @@ def upstream_for(record: SessionRecord | None, config: GatewayConfig) -> Upstrea
     return Upstream(config.bridge_url, key)
 
 
-_BRIDGE_CODES = {
-    400: "BRIDGE_BAD_REQUEST",
-    401: "BRIDGE_UNAUTHORIZED",
-    403: "BRIDGE_FORBIDDEN",
-    404: "BRIDGE_NOT_FOUND",
-    413: "BRIDGE_PAYLOAD_TOO_LARGE",
-    429: "BRIDGE_RATE_LIMITED",
-    503: "BRIDGE_NOT_READY",
-}
-
-
-def normalize_error(status: int, body: bytes) -> dict:
-    """The bridge's three error shapes ({"detail"}, {"error": str}, the envelope) as the envelope."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    code = _BRIDGE_CODES.get(status, "BRIDGE_ERROR")
-    kind = "invalid_request_error" if status < 500 else "bridge_error"
-    message = None
-    if isinstance(data, dict):
-        error = data.get("error")
-        if isinstance(error, dict):
-            message = error.get("message")
-            code = str(error.get("code") or code)
-            kind = str(error.get("type") or kind)
-        elif isinstance(error, str):
-            message = error
-        elif "detail" in data:
-            detail = data["detail"]
-            message = detail if isinstance(detail, str) else json.dumps(detail)
-    if not isinstance(message, str) or not message:
-        text = body.decode("utf-8", "replace").strip()[:500]
-        message = text or f"the bridge answered HTTP {status}"
-    return envelope(f"bridge: {message}", code, kind)
-
-
-def _sse_error(message: str, code: str) -> bytes:
-    event = json.dumps(envelope(message, code, "bridge_error"))
-    return f"data: {event}\n\n".encode() + DONE + b"\n\n"
-
-
-class _Relay(Protocol):
-    """Writes the bridge's body to the client as it arrives; never re-assembles it."""
-
-    def __init__(self, request, clock, *, sse: bool, idle_timeout: float,
-                 keepalive: float, upstream_url: str, finished: Deferred,
-                 metrics: Metrics | None = None, sent_at: float = 0.0) -> None:
-        self.request = request
-        self.metrics = metrics
-        self.sent_at = sent_at  # when the bridge request left: the first byte's clock
-        self.clock = clock
-        self.sse = sse
-        self.idle_timeout = idle_timeout
-        self.keepalive = keepalive if sse else 0
-        self.upstream_url = upstream_url
-        self.finished = finished
-        self.tail = b"\n\n"  # the last bytes written: are we between two events?
-        self.seen_done = False
-        self.stopped = False
-        self.bytes = 0
-        self._idle = None
-        self._ping = None
-
-    def connectionMade(self) -> None:
-        if self.sse:
-            self.request.write(b"")  # send our headers now: clients wait for them
-        self.request.registerProducer(self.transport, True)
-        self._idle = self.clock.callLater(self.idle_timeout, self._idle_expired)
-        if self.keepalive:
-            self._ping = self.clock.callLater(self.keepalive, self._send_keepalive)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.stopped:
-            return
-        self.request.write(data)
-        if self.metrics is not None:
-            if not self.bytes:
-                self.metrics.first_byte(time.monotonic() - self.sent_at, stream=self.sse)
-            self.metrics.relayed(len(data))
-        self.bytes += len(data)
-        if self.sse and not self.seen_done:
-            self.seen_done = DONE in self.tail[-len(DONE):] + data
-        self.tail = (self.tail + data)[-16:]
-        self._idle.reset(self.idle_timeout)
-        if self._ping is not None and self._ping.active():
-            self._ping.reset(self.keepalive)
-
-    def _between_events(self) -> bool:
-        return self.tail.endswith(b"\n\n") or self.tail.endswith(b"\r\n\r\n")
-
-    def _send_keepalive(self) -> None:
-        if self._between_events():
-            self.request.write(b": keep-alive\n\n")
-        self._ping = self.clock.callLater(self.keepalive, self._send_keepalive)
-
-    def _idle_expired(self) -> None:
-        self._end_with_error(
-            f"the bridge at {self.upstream_url} sent nothing for {self.idle_timeout:g} s",
-            "BRIDGE_TIMEOUT",
-        )
-        self.transport.stopProducing()
-
-    def _end_with_error(self, message: str, code: str) -> None:
-        if self.metrics is not None:
-            self.metrics.upstream_error(code)
-        self.stopped = True
-        self._cancel_timers()
-        if self.sse:
-            prefix = b"" if self._between_events() else b"\n\n"
-            self.request.write(prefix + _sse_error(message, code))
-            self._finish()
-        else:
-            # A JSON body cut short must not look complete: drop the connection.
-            log.warn("bridge body lost: {message}", message=message)
-            self.request.unregisterProducer()
-            self.request.loseConnection()
-            self.finished.callback(None)
-
-    def _cancel_timers(self) -> None:
-        for call in (self._idle, self._ping):
-            if call is not None and call.active():
-                call.cancel()
-
-    def _finish(self) -> None:
-        self.request.unregisterProducer()
-        self.request.finish()
-        self.finished.callback(None)
-
-    def stop(self) -> None:
-        """The client went away: drop the bridge connection too."""
-        if self.stopped:
-            return
-        self.stopped = True
-        self._cancel_timers()
-        self.transport.stopProducing()
-        if not self.finished.called:
-            self.finished.callback(None)
-
-    def connectionLost(self, reason) -> None:
-        if self.stopped:
-            return
-        clean = reason.check(ResponseDone)
-        if self.sse and not self.seen_done:
-            why = "closed the stream" if clean else "connection was lost"
-            self._end_with_error(
-                f"the bridge at {self.upstream_url} {why} before the answer was complete",
-                "BRIDGE_STREAM_LOST",
-            )
-        elif not self.sse and not clean:
-            self._end_with_error(f"the bridge at {self.upstream_url} was lost mid-answer",
-                                 "BRIDGE_STREAM_LOST")
-        else:
-            self.stopped = True
-            self._cancel_timers()
-            self._finish()
-
-
 def request_id(request) -> str:
+    """The client's X-Request-ID when it is sane, else a new one (the front door sets it)."""
+    known = getattr(request, "request_id", None)
+    if known:
+        return known
     given = request.getHeader(b"x-request-id")
     if given:
         text = given.decode("latin-1")
@@ -331,10 +189,9 @@ class Proxy:
         rid = request_id(request)
         request.setHeader(b"X-Request-ID", rid.encode())
         response = yield self._send(b"GET", upstream, "/v1/models", None, record, rid)
-        body = yield self._read_capped(response)
-        if response.code >= 400:
-            self.metrics.upstream_error(_BRIDGE_CODES.get(response.code, "BRIDGE_ERROR"))
-            return self._error_response(request, response.code, normalize_error(response.code, body))
+        body = yield read_capped(response, 16 * 1024 * 1024)
+        if response.code >= 300:
+            return self._bridge_error(request, upstream, response.code, body)
         try:
             listing = json.loads(body)
             models = list(listing["data"])
@@ -376,15 +233,15 @@ class Proxy:
             timed_out = not timer.active()
             if timer.active():
                 timer.cancel()
-            if failure.check(TimeoutError) or (timed_out and failure.check(CancelledError)):
+            if failure.check(TimeoutError) or (timed_out and _cancelled(failure)):
                 self.metrics.upstream_error("BRIDGE_TIMEOUT")
                 raise ApiError(504, "BRIDGE_TIMEOUT",
                                f"the bridge at {upstream.base_url} did not answer in time",
                                "bridge_error")
-            if failure.check(CancelledError, ConnectingCancelledError):
-                return failure
+            if _cancelled(failure):
+                raise CancelledError()  # the client went away: nothing to report
             if failure.check(ConnectError, DNSLookupError, ResponseFailed, ConnectionError):
-                log.info("bridge {url} unreachable: {why}", url=url, why=failure.getErrorMessage())
+                log.info("bridge {url} unreachable: {why}", url=url, why=_why(failure))
                 self.metrics.upstream_error("BRIDGE_UNAVAILABLE")
                 raise ApiError(502, "BRIDGE_UNAVAILABLE",
                                f"the bridge at {upstream.base_url} is unreachable",
@@ -393,14 +250,17 @@ class Proxy:
 
         return d.addCallbacks(answered, failed)
 
-    def _read_capped(self, response) -> Deferred:
-        import treq
-
-        return treq.content(response)
-
-    @staticmethod
-    def _error_response(request, status: int, payload: dict) -> bytes:
-        request.setResponseCode(status)
+    def _bridge_error(self, request, upstream: Upstream, status: int, body: bytes) -> bytes:
+        """A bridge error keeps its status, in the envelope; a redirect is a bad answer."""
+        if status < 400:
+            status, payload = 502, {"error": {
+                "message": f"the bridge at {upstream.base_url} answered with a redirect "
+                           f"(HTTP {status}), which the gateway does not follow",
+                "type": "bridge_error", "code": "BRIDGE_BAD_RESPONSE"}}
+        else:
+            payload = normalize_error(status, body)
+        self.metrics.upstream_error(payload["error"]["code"])
+        set_status(request, status)
         request.setHeader(b"Content-Type", b"application/json")
         return json.dumps(payload).encode()
 
@@ -414,7 +274,7 @@ class Proxy:
         request.setHeader(b"X-Request-ID", rid.encode())
         sent_at = time.monotonic()
         pending = self._send(b"POST", upstream, path, data, record, rid)
-        relay: list[_Relay] = []
+        relay: list[Relay] = []
 
         def cancel(_):
             if relay:
@@ -426,12 +286,10 @@ class Proxy:
 
         def answered(response):
             if response.code >= 300:
-                self.metrics.upstream_error(_BRIDGE_CODES.get(response.code, "BRIDGE_ERROR"))
-                return self._read_capped(response).addCallback(
+                return read_capped(response).addCallback(
                     lambda body: finished.callback(
-                        self._error_response(request, response.code,
-                                             normalize_error(response.code, body))))
-            request.setResponseCode(response.code)
+                        self._bridge_error(request, upstream, response.code, body)))
+            set_status(request, response.code)
             content_type = response.headers.getRawHeaders(b"content-type", [None])[0]
             if sse:
                 request.setHeader(b"Content-Type", content_type or b"text/event-stream")
@@ -439,7 +297,7 @@ class Proxy:
                 request.setHeader(b"X-Accel-Buffering", b"no")
             elif content_type:
                 request.setHeader(b"Content-Type", content_type)
-            protocol = _Relay(request, self.clock, sse=sse,
+            protocol = Relay(request, self.clock, sse=sse,
                               idle_timeout=self.config.stream_idle_timeout,
                               keepalive=self.config.keepalive,
                               upstream_url=upstream.base_url, finished=finished,

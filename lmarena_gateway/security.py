@@ -89,14 +89,18 @@ class AdminAuth:
                            "this endpoint answers clients on this machine only until an admin "
                            "token is configured: set GATEWAY_ADMIN_TOKEN or --admin-token-file, "
                            "then send 'Authorization: Bearer <token>'")
-        if allow_basic:
-            request.setHeader(b"WWW-Authenticate", b'Basic realm="lmgateway", charset="UTF-8"')
+        # 401, with a challenge, for a missing or wrong token alike: a browser asks again
+        # after a 401, while after a 403 it keeps sending the mistyped password.
+        challenge = b'Basic realm="lmgateway", charset="UTF-8"' if allow_basic \
+            else b'Bearer realm="lmgateway"'
+        request.setHeader(b"WWW-Authenticate", challenge)
         if bearer(request) is None and basic_password(request) is None:
-            raise ApiError(401, "ADMIN_TOKEN_REQUIRED",
-                           "send the admin token as 'Authorization: Bearer <token>'",
+            how = "'Authorization: Bearer <token>'" + (
+                ", or as the password of HTTP Basic auth" if allow_basic else "")
+            raise ApiError(401, "ADMIN_TOKEN_REQUIRED", f"send the admin token as {how}",
                            "authentication_error")
-        raise ApiError(403, "ADMIN_TOKEN_INVALID", "the admin token is not valid",
-                       "authentication_error")
+        raise ApiError(401 if allow_basic else 403, "ADMIN_TOKEN_INVALID",
+                       "the admin token is not valid", "authentication_error")
 
 
 @frozen

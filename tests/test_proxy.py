@@ -358,3 +358,65 @@ async def test_concurrent_streams_on_different_bridges_never_mix(gateway_factory
     assert len(results) == 30
     for name, content in results:
         assert content == texts[name]
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_leaving_before_the_bridge_answers_is_quiet(gateway_factory, listen):
+    from twisted.logger import globalLogPublisher
+
+    bridge = HeldBridge(content_type=b"application/json")
+    gw = await registered(gateway_factory, bridge_url=await listen(bridge))
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for path, body in (("/v1/chat/completions", CHAT), ("/v1/models", None)):
+            pending = treq.request("POST" if body else "GET", gw.url + path, json=body, headers=HEADERS)
+            held = await bridge.arrivals.get()
+            pending.cancel()  # the client gives up while the bridge is still thinking
+            assert await held.gone is True  # and the gateway dropped the bridge request
+            with pytest.raises(Exception):
+                await pending
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert not [e for e in events if "log_failure" in e], [e.get("log_format") for e in events]
+    _, _, metrics = await call("GET", gw.url + "/metrics")
+    assert b"BRIDGE_UNAVAILABLE" not in metrics
+
+
+@pytest_twisted.ensureDeferred
+async def test_bridge_error_bodies_are_capped(gateway_factory, listen):
+    huge = {"detail": "x" * (2 * 1024 * 1024)}
+    gw = await registered(gateway_factory, bridge_url=await listen(ErrorBridge(500, huge)))
+    status, _, answer = await call("POST", gw.url + "/v1/chat/completions", CHAT, HEADERS)
+    assert status == 500
+    assert set(answer["error"]) == {"message", "type", "code"}
+    assert len(answer["error"]["message"]) < 70 * 1024
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bridge_redirect_is_a_bad_response(gateway_factory, listen):
+    gw = await registered(gateway_factory, bridge_url=await listen(ErrorBridge(302, b"")))
+    for method, path, body in (("POST", "/v1/chat/completions", CHAT), ("GET", "/v1/models", None)):
+        status, _, answer = await call(method, gw.url + path, body, HEADERS)
+        assert (status, answer["error"]["code"]) == (502, "BRIDGE_BAD_RESPONSE")
+        assert "redirect" in answer["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_statuses_keep_their_reason_phrase(gateway_factory, listen):
+    gw = await registered(gateway_factory, bridge_url=await listen(ErrorBridge(429, {"detail": "slow down"})))
+    response = await treq.post(gw.url + "/v1/chat/completions", json=CHAT, headers=HEADERS)
+    await treq.content(response)
+    assert (response.code, response.phrase) == (429, b"Too Many Requests")
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_response_carries_a_request_id(gateway_factory):
+    gw = await registered(gateway_factory)
+    for method, path, body, headers in [("GET", "/health", None, {}), ("GET", "/nowhere", None, {}),
+                                        ("POST", "/v1/chat/completions", b"{", HEADERS),
+                                        ("POST", "/session/register", {}, {})]:
+        _, got, _ = await call(method, gw.url + path, body, headers)
+        assert len(got.getRawHeaders("x-request-id")[0]) == 32, path
+    _, got, _ = await call("GET", gw.url + "/health", headers={"X-Request-ID": "mine-1"})
+    assert got.getRawHeaders("x-request-id") == ["mine-1"]

@@ -1,0 +1,220 @@
+"""The bridge's answer on its way to the client: chunk by chunk, errors in the envelope.
+
+The relay is a small protocol given to ``response.deliverBody``: each chunk is written to
+the client the moment it arrives (no re-assembly of lines), and the bridge connection is
+the request's producer, so a client that reads slowly pauses the bridge instead of
+filling the gateway's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from http import HTTPStatus
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.client import ResponseDone
+
+from .errors import envelope
+
+log = Logger()
+DONE = b"data: [DONE]"
+MAX_ERROR_BODY = 64 * 1024
+
+
+_BRIDGE_CODES = {
+    400: "BRIDGE_BAD_REQUEST",
+    401: "BRIDGE_UNAUTHORIZED",
+    403: "BRIDGE_FORBIDDEN",
+    404: "BRIDGE_NOT_FOUND",
+    413: "BRIDGE_PAYLOAD_TOO_LARGE",
+    429: "BRIDGE_RATE_LIMITED",
+    503: "BRIDGE_NOT_READY",
+}
+
+
+def normalize_error(status: int, body: bytes) -> dict:
+    """The bridge's three error shapes ({"detail"}, {"error": str}, the envelope) as the envelope."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    code = _BRIDGE_CODES.get(status, "BRIDGE_ERROR")
+    kind = "invalid_request_error" if status < 500 else "bridge_error"
+    message = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict):
+            message = error.get("message")
+            code = str(error.get("code") or code)
+            kind = str(error.get("type") or kind)
+        elif isinstance(error, str):
+            message = error
+        elif "detail" in data:
+            detail = data["detail"]
+            message = detail if isinstance(detail, str) else json.dumps(detail)
+    if not isinstance(message, str) or not message:
+        text = body.decode("utf-8", "replace").strip()[:500]
+        message = text or f"the bridge answered HTTP {status}"
+    return envelope(f"bridge: {message}", code, kind)
+
+
+def _sse_error(message: str, code: str) -> bytes:
+    event = json.dumps(envelope(message, code, "bridge_error"))
+    return f"data: {event}\n\n".encode() + DONE + b"\n\n"
+
+
+class Relay(Protocol):
+    """Writes the bridge's body to the client as it arrives; never re-assembles it."""
+
+    def __init__(self, request, clock, *, sse: bool, idle_timeout: float,
+                 keepalive: float, upstream_url: str, finished: Deferred,
+                 metrics=None, sent_at: float = 0.0) -> None:
+        self.request = request
+        self.metrics = metrics
+        self.sent_at = sent_at  # when the bridge request left: the first byte's clock
+        self.clock = clock
+        self.sse = sse
+        self.idle_timeout = idle_timeout
+        self.keepalive = keepalive if sse else 0
+        self.upstream_url = upstream_url
+        self.finished = finished
+        self.tail = b"\n\n"  # the last bytes written: are we between two events?
+        self.seen_done = False
+        self.stopped = False
+        self.bytes = 0
+        self._idle = None
+        self._ping = None
+
+    def connectionMade(self) -> None:
+        if self.sse:
+            self.request.write(b"")  # send our headers now: clients wait for them
+        self.request.registerProducer(self.transport, True)
+        self._idle = self.clock.callLater(self.idle_timeout, self._idle_expired)
+        if self.keepalive:
+            self._ping = self.clock.callLater(self.keepalive, self._send_keepalive)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.stopped:
+            return
+        self.request.write(data)
+        if self.metrics is not None:
+            if not self.bytes:
+                self.metrics.first_byte(time.monotonic() - self.sent_at, stream=self.sse)
+            self.metrics.relayed(len(data))
+        self.bytes += len(data)
+        if self.sse and not self.seen_done:
+            self.seen_done = DONE in self.tail[-len(DONE):] + data
+        self.tail = (self.tail + data)[-16:]
+        self._idle.reset(self.idle_timeout)
+        if self._ping is not None and self._ping.active():
+            self._ping.reset(self.keepalive)
+
+    def _between_events(self) -> bool:
+        return self.tail.endswith(b"\n\n") or self.tail.endswith(b"\r\n\r\n")
+
+    def _send_keepalive(self) -> None:
+        if self._between_events():
+            self.request.write(b": keep-alive\n\n")
+        self._ping = self.clock.callLater(self.keepalive, self._send_keepalive)
+
+    def _idle_expired(self) -> None:
+        self._end_with_error(
+            f"the bridge at {self.upstream_url} sent nothing for {self.idle_timeout:g} s",
+            "BRIDGE_TIMEOUT",
+        )
+        self.transport.stopProducing()
+
+    def _end_with_error(self, message: str, code: str) -> None:
+        if self.metrics is not None:
+            self.metrics.upstream_error(code)
+        self.stopped = True
+        self._cancel_timers()
+        if self.sse:
+            prefix = b"" if self._between_events() else b"\n\n"
+            self.request.write(prefix + _sse_error(message, code))
+            self._finish()
+        else:
+            # A JSON body cut short must not look complete: drop the connection.
+            log.warn("bridge body lost: {message}", message=message)
+            self.request.unregisterProducer()
+            self.request.loseConnection()
+            self.finished.callback(None)
+
+    def _cancel_timers(self) -> None:
+        for call in (self._idle, self._ping):
+            if call is not None and call.active():
+                call.cancel()
+
+    def _finish(self) -> None:
+        self.request.unregisterProducer()
+        self.request.finish()
+        self.finished.callback(None)
+
+    def stop(self) -> None:
+        """The client went away: drop the bridge connection too."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self._cancel_timers()
+        self.transport.stopProducing()
+        if not self.finished.called:
+            self.finished.callback(None)
+
+    def connectionLost(self, reason) -> None:
+        if self.stopped:
+            return
+        clean = reason.check(ResponseDone)
+        if self.sse and not self.seen_done:
+            why = "closed the stream" if clean else "was lost"
+            self._end_with_error(
+                f"the bridge at {self.upstream_url} {why} before the answer was complete",
+                "BRIDGE_STREAM_LOST",
+            )
+        elif not self.sse and not clean:
+            self._end_with_error(f"the bridge at {self.upstream_url} was lost mid-answer",
+                                 "BRIDGE_STREAM_LOST")
+        else:
+            self.stopped = True
+            self._cancel_timers()
+            self._finish()
+
+
+class _Capped(Protocol):
+    """Collects a body up to ``limit`` bytes, then drops the rest of it."""
+
+    def __init__(self, limit: int, done: Deferred) -> None:
+        self.limit = limit
+        self.done = done
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.size >= self.limit:
+            return
+        self.parts.append(data[: self.limit - self.size])
+        self.size += len(self.parts[-1])
+        if self.size >= self.limit:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason) -> None:
+        if not self.done.called:
+            self.done.callback(b"".join(self.parts))
+
+
+def read_capped(response, limit: int = MAX_ERROR_BODY) -> Deferred:
+    """The first ``limit`` bytes of a body: an error page may be as large as it likes."""
+    done: Deferred = Deferred()
+    response.deliverBody(_Capped(limit, done))
+    return done
+
+
+def set_status(request, status: int) -> None:
+    """Twisted's table lacks some reasons (429 comes out as "Unknown Status")."""
+    try:
+        phrase = HTTPStatus(status).phrase.encode()
+    except ValueError:
+        phrase = None
+    request.setResponseCode(status, phrase)
