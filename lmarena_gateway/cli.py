@@ -12,14 +12,22 @@ from attrs import evolve
 
 from .config import ConfigError, build_config
 from .errors import ApiError
+from .security import require_bridge_allowed
 from .sessions import SessionRecord, parse_time, validate_registration
 from .store import SessionFile, export_of, stats_of
 
 DAY = 86400.0
 
 
+# The settings the CLI reads; the daemon's others (listeners, keys...) are none of its business.
+CLI_SETTINGS = frozenset({"storage", "redis_prefix", "domains", "cleanup_days", "secret_file",
+                          "bridge_url", "bridge_allow", "max_sessions_per_domain"})
+
+
 def _open(path: str, *, create: bool = False) -> SessionFile:
-    if not create and not os.path.exists(path):
+    if create:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    elif not os.path.exists(path):
         raise SystemExit(f"lmgateway: no session store at {path!r} (set --storage or STORAGE_PATH)")
     try:
         return SessionFile(path, "c" if create else "w")
@@ -66,7 +74,8 @@ def cmd_export(store: SessionFile, args, config, out) -> int:
     return 0
 
 
-def import_records(data, domains, now: float) -> tuple[list[SessionRecord], list[str]]:
+def import_records(data, domains, now: float, bridge_allow: tuple[str, ...] = ("loopback",)
+                   ) -> tuple[list[SessionRecord], list[str]]:
     """Validate a PHP-gateway sessions.json as the API would; keep its timestamps."""
     if not isinstance(data, dict) or not isinstance(data.get("domains"), dict):
         raise ValueError('not a sessions file: expected {"domains": {...}}')
@@ -85,6 +94,8 @@ def import_records(data, domains, now: float) -> tuple[list[SessionRecord], list
             try:
                 registration = validate_registration(
                     dict(fields, domain=domain, session_name=name), domains)
+                if registration.bridge_base_url:
+                    require_bridge_allowed(registration.bridge_base_url, bridge_allow)
                 created = parse_time(fields.get("created_at") or now)
                 updated = parse_time(fields.get("updated_at") or created)
                 used = fields.get("last_used_at")
@@ -93,22 +104,41 @@ def import_records(data, domains, now: float) -> tuple[list[SessionRecord], list
             except ApiError as e:
                 skipped.append(f"{where}: {e.code}: {e.message}")
                 continue
-            except ValueError as e:
+            except (ValueError, OverflowError) as e:
                 skipped.append(f"{where}: INVALID_TIME: {e}")
                 continue
             accepted.append(record)
     return accepted, skipped
 
 
+def within_limits(records: list[SessionRecord], existing, limit: int) -> tuple[list, list[str]]:
+    """Keep new sessions within --max-sessions-per-domain, as the API does."""
+    held: dict[str, int] = {}
+    for record in existing.values():
+        held[record.domain] = held.get(record.domain, 0) + 1
+    kept, skipped = [], []
+    for record in records:
+        if record.key not in existing:
+            if held.get(record.domain, 0) >= limit:
+                skipped.append(f"{record.key}: SESSION_LIMIT: {record.domain} holds {limit} sessions")
+                continue
+            held[record.domain] = held.get(record.domain, 0) + 1
+        kept.append(record)
+    return kept, skipped
+
+
 def cmd_import(store: SessionFile, args, config, out) -> int:
     try:
         with open(args.file, encoding="utf-8") if args.file != "-" else sys.stdin as source:
             data = json.load(source)
-        records, skipped = import_records(data, config.domains, time.time())
+        records, skipped = import_records(data, config.domains, time.time(),
+                                          config.bridge_allow_list)
     except OSError as e:
         raise SystemExit(f"lmgateway: cannot read {args.file!r}: {e.strerror}") from None
     except ValueError as e:
         raise SystemExit(f"lmgateway: {args.file!r}: {e}") from None
+    records, over = within_limits(records, store.load()[0], config.max_sessions_per_domain)
+    skipped += over
     for record in records:
         store.put(record)
     for reason in skipped:
@@ -122,11 +152,15 @@ def cmd_revoke(args, environ, out) -> int:
     from .tokens import revoke
 
     try:
-        config = build_config({"storage": args.storage, "secret-file": args.secret_file}, environ)
+        config = build_config({"storage": args.storage, "secret-file": args.secret_file}, environ,
+                              CLI_SETTINGS)
     except ConfigError as e:
         raise SystemExit(f"lmgateway: {e}") from None
     if not SESSION_NAME.match(args.name):
         raise SystemExit(f"lmgateway: {args.name!r} is not a session name")
+    if not os.path.exists(config.registration_secret_file):
+        raise SystemExit(f"lmgateway: no registration secret at {config.registration_secret_file!r}, "
+                         "so no tokens to revoke (check --storage or --secret-file)")
     try:
         generation = revoke(config.registration_secret_file, args.name)
     except (OSError, ValueError) as e:
@@ -138,7 +172,9 @@ def cmd_revoke(args, environ, out) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmgateway", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="lmgateway", description="Maintenance commands for lmarena-gateway's session store; "
+        "they work beside a running daemon.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def store_command(name, help):
@@ -146,6 +182,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--storage", help="session store (env STORAGE_PATH)")
         command.add_argument("--domains", help="allowed domains (env GATEWAY_ALLOWED_DOMAINS)")
         command.add_argument("--redis-prefix", help="Redis key prefix (env GATEWAY_REDIS_PREFIX)")
+        command.add_argument("--bridge-allow", help="hosts imported bridge URLs may name "
+                             "(env GATEWAY_BRIDGE_ALLOW)")
         return command
 
     cleanup = store_command("cleanup", "prune idle sessions now; 'cleanup 0' only prints stats")
@@ -183,7 +221,8 @@ def main(argv=None, environ=None, out=None) -> int:
         return cmd_revoke(args, environ, out)
     try:
         config = build_config({"storage": args.storage, "domains": args.domains,
-                               "redis-prefix": args.redis_prefix}, environ)
+                               "redis-prefix": args.redis_prefix,
+                               "bridge-allow": args.bridge_allow}, environ, CLI_SETTINGS)
     except ConfigError as e:
         raise SystemExit(f"lmgateway: {e}") from None
     if config.storage.startswith(("redis://", "rediss://", "unix://")):

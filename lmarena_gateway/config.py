@@ -53,6 +53,8 @@ class GatewayConfig:
     bridge_allow: tuple[str, ...] = ()  # empty: the default bridge's host and loopback
     max_sessions_per_domain: int = 1000
     secret_file: str | None = None  # None: registration.secret beside the store
+    # Where each value came from (an option or a variable), for errors found later.
+    sources: dict = field(factory=dict, eq=False, repr=False)
 
     @property
     def bridge_allow_list(self) -> tuple[str, ...]:
@@ -151,6 +153,9 @@ def _parse_origins(value: str) -> tuple[str, ...]:
     origins = _split(value)
     if not origins:
         raise ValueError("at least one origin (or *) is needed")
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[A-Za-z0-9.\-\[\]:]+", origin):
+            raise ValueError(f"{origin!r} is not an origin such as https://app.example.com")
     return origins
 
 
@@ -171,18 +176,52 @@ def _parse_storage(value: str) -> str:
 
             parse_address(value)  # a bad Redis URL is a one-line error, not a traceback
         return value  # a server URL; the store that owns the scheme checks it
-    directory = os.path.dirname(os.path.abspath(value))
+    if os.path.isdir(value):
+        raise ValueError(f"{value!r} is a directory, not a file")
+    return value
+
+
+def _writable_directory_for(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot create directory {directory!r}: {e.strerror}") from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ValueError(f"directory {directory!r} is not writable")
-    if os.path.isdir(value):
-        raise ValueError(f"{value!r} is a directory, not a file")
-    if os.path.exists(value) and not os.access(value, os.R_OK | os.W_OK):
-        raise ValueError(f"{value!r} is not readable and writable")
-    return value
+
+
+def prepare_daemon(config: "GatewayConfig") -> None:
+    """What the daemon reads and writes must work before it starts: one-line errors.
+
+    Only the daemon calls this; the CLI must not create directories while only reading.
+    """
+    from .security import load_client_keys
+
+    try:
+        load_client_keys(config.api_keys_file, config.api_keys)
+    except (OSError, ValueError) as e:
+        where = config.sources.get("api_keys_file") or config.sources.get("api_keys", "GATEWAY_API_KEYS")
+        raise ConfigError(f"{where}: {e}") from None
+    source = config.sources.get
+    checks = [(source("secret_file", "--secret-file"), config.registration_secret_file)]
+    storage = source("storage", "--storage")
+    if "://" not in config.storage:
+        checks.insert(0, (storage, config.storage))
+    for option, path in checks:
+        try:
+            _writable_directory_for(path)
+        except ValueError as e:
+            raise ConfigError(f"{option}: {e}") from None
+    if "://" not in config.storage:
+        from . import sqlitedbm
+
+        if os.path.exists(config.storage) and not os.access(config.storage, os.R_OK | os.W_OK):
+            raise ConfigError(f"{storage}: {config.storage!r} is not readable and writable")
+        try:
+            sqlitedbm.open(config.storage, "c").close()
+        except (OSError, sqlitedbm.error) as e:
+            raise ConfigError(f"{storage}: {e}") from None
 
 
 def _parse_redis_prefix(value: str) -> str:
@@ -340,14 +379,18 @@ SETTINGS = (
 )
 
 
-def build_config(options: Mapping[str, object], environ: Mapping[str, str]) -> GatewayConfig:
+def build_config(options: Mapping[str, object], environ: Mapping[str, str],
+                 names: frozenset[str] | None = None) -> GatewayConfig:
     """Option beats variable beats default; the first bad value raises ConfigError.
 
     ``options`` maps option names to the raw value given on the command line (None or
-    absent when not given; True for a flag that was given).
+    absent when not given; True for a flag that was given). ``names``, when given, limits
+    the settings read to those (the CLI needs a few, and must not trip on the rest).
     """
-    values = {}
+    values, sources = {}, {}
     for setting in SETTINGS:
+        if names is not None and setting.name not in names:
+            continue
         if setting.name in values:
             continue  # an earlier source of the same value won (e.g. a token file option)
         given = options.get(setting.option) if setting.option else None
@@ -364,15 +407,6 @@ def build_config(options: Mapping[str, object], environ: Mapping[str, str]) -> G
             values[setting.name] = setting.parse(raw)
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
-    if "storage" not in values:
-        try:
-            _parse_storage(DEFAULT_STORAGE)
-        except ValueError as e:
-            raise ConfigError(f"--storage: {e}") from None
-    config = GatewayConfig(**values)
-    secret_dir = os.path.dirname(os.path.abspath(config.registration_secret_file))
-    try:
-        os.makedirs(secret_dir, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--secret-file: cannot create directory {secret_dir!r}: {e.strerror}") from None
+        sources[setting.name] = source
+    config = GatewayConfig(**values, sources=sources)
     return config

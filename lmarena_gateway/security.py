@@ -19,6 +19,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 
 from .errors import ApiError
+from .sessions import SESSION_NAME
 
 log = Logger()
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -105,27 +106,32 @@ class AdminAuth:
 
 @frozen
 class ClientKeys:
-    """Client API keys for /v1: {sha256(key): allowed session names, or None for any}."""
+    """Client API keys for /v1: {sha256(key): allowed session names, or None for any}.
+
+    ``required`` stays true once keys were configured, even if a re-read finds none:
+    emptying the keys file closes /v1, it never opens it.
+    """
 
     keys: dict
+    required: bool = False
 
     @classmethod
     def parse(cls, text: str, *, entry_separators: str = r"\n") -> "ClientKeys":
         keys = {}
-        for entry in re.split(entry_separators, text):
+        for number, entry in enumerate(re.split(entry_separators, text), 1):
             words = entry.split("#", 1)[0].split()
             if not words:
                 continue
             key, names = words[0], words[1:]
+            bad = [n for n in names if not SESSION_NAME.match(n)]
+            if bad or not re.fullmatch(r"[\x21-\x7e]{8,512}", key):
+                what = f"session name {bad[0]!r}" if bad else "a key (8-512 printable characters)"
+                raise ValueError(f"entry {number}: not {what}")
             keys[hashlib.sha256(key.encode()).digest()] = frozenset(names) if names else None
-        return cls(keys)
-
-    @property
-    def configured(self) -> bool:
-        return bool(self.keys)
+        return cls(keys, required=True)
 
     def require(self, request, session_name: str) -> None:
-        if not self.keys:
+        if not self.required:
             return
         given = bearer(request)
         allowed = self.keys.get(hashlib.sha256(given.encode()).digest(), False) if given else False
@@ -140,14 +146,13 @@ class ClientKeys:
 
 def load_client_keys(path: str | None, inline: str | None) -> ClientKeys:
     """Keys from the file (one a line) and GATEWAY_API_KEYS (entries split by , or ;)."""
-    text = ""
+    keys: dict = {}
     if path:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
-    keys = dict(ClientKeys.parse(text).keys)
+            keys.update(ClientKeys.parse(f.read()).keys)
     if inline:
         keys.update(ClientKeys.parse(inline, entry_separators=r"[\n,;]").keys)
-    return ClientKeys(keys)
+    return ClientKeys(keys, required=bool(path or inline))
 
 
 def bridge_allowed(url: str, allow: tuple[str, ...]) -> bool:
@@ -189,6 +194,8 @@ class ClientKeyService:
         self.inline = inline
         self._reactor = reactor
         self.current = load_client_keys(path, inline)  # at startup: a bad file stops the daemon
+        if self.current.required and not self.current.keys:
+            log.warn("the client API keys file holds no key: /v1 refuses every request")
 
     def __call__(self) -> ClientKeys:
         return self.current
@@ -210,7 +217,10 @@ class ClientKeyService:
 
         def loaded(keys: ClientKeys) -> None:
             self.current = keys
-            log.info("client API keys re-read: {count} keys", count=len(keys.keys))
+            if keys.keys:
+                log.info("client API keys re-read: {count} in all", count=len(keys.keys))
+            else:
+                log.warn("client API keys re-read: none left, so /v1 refuses every request")
 
         return deferToThread(load_client_keys, self.path, self.inline).addCallbacks(
             loaded, lambda f: log.error("client API keys not re-read, keeping the old ones: "

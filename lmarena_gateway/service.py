@@ -6,6 +6,7 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from .config import GatewayConfig
@@ -81,8 +82,25 @@ def make_store(config: GatewayConfig, reactor):
     return DBMSessionStore(config.storage, reactor)
 
 
+class GatewayService(MultiService):
+    """The daemon: a port it cannot listen on stops it at once, in one line.
+
+    twistd calls privilegedStartService before the reactor runs; listening there (the
+    listeners raise synchronously) turns "address already in use" into exit status 1
+    instead of a logged traceback and a daemon that serves nothing.
+    """
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            where = f"{e.interface or '*'}:{e.port}"
+            why = getattr(e.socketError, "strerror", None) or e.socketError
+            raise SystemExit(f"lmgateway: --listen: cannot listen on {where}: {why}")
+
+
 def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> MultiService:
-    root = MultiService()
+    root = GatewayService()
     if store is None:
         store = make_store(config, reactor)
     store.setName("store")
@@ -105,7 +123,7 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
     tokens.setName("registration-tokens")
     tokens.setServiceParent(root)
     keys = ClientKeyService(config.api_keys_file, config.api_keys, reactor)
-    if keys.current.configured:
+    if keys.current.required:
         keys.install_sighup()
     else:
         log.warn("no client API keys configured: /v1 is open to anyone who can reach this "
@@ -118,6 +136,7 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
     site = make_site(gateway)
     for index, description in enumerate(config.listen):
         listener = StreamServerEndpointService(serverFromString(reactor, description), site)
+        listener._raiseSynchronously = True  # see GatewayService
         listener.setName(f"listen-{index}")
         listener.setServiceParent(root)
     if not config.log_requests:

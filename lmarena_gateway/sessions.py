@@ -27,20 +27,24 @@ def iso(seconds: float) -> str:
 
 
 def parse_time(value) -> float:
-    """ISO-8601 (ours, or PHP's ``date('c')``) or epoch seconds."""
+    """ISO-8601 (ours, or PHP's ``date('c')``) or epoch seconds, between 1970 and 9999."""
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a time")
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value)
+    elif isinstance(value, str):
         try:
             moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             raise ValueError(f"{value!r} is not an ISO-8601 time") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=timezone.utc)
-        return moment.timestamp()
-    raise ValueError(f"{value!r} is not a time")
+        seconds = moment.timestamp()
+    else:
+        raise ValueError(f"{value!r} is not a time")
+    if not 0 <= seconds < 253402300800:  # NaN and infinities fail this too
+        raise ValueError(f"{value!r} is not a time between 1970 and 9999")
+    return seconds
 
 
 def _whole_seconds(value):

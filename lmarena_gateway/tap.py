@@ -7,13 +7,13 @@ import sys
 
 from twisted.python import usage
 
-from .config import SETTINGS, ConfigError, GatewayConfig, build_config
+from .config import SETTINGS, ConfigError, GatewayConfig, build_config, prepare_daemon
 
 
 def _help(setting) -> str:
     default = setting.default
     shown = f" [default: {', '.join(default) if isinstance(default, tuple) else default}]" \
-        if default not in (None, False) else ""
+        if default not in (None, False, ()) and "[default:" not in setting.help else ""
     return f"{setting.help}{shown if setting.name != 'listen' else ''} (env {setting.env})"
 
 
@@ -45,6 +45,7 @@ class GatewayOptions(usage.Options):
         values["listen"] = tuple(self["listen"])
         try:
             self.config = build_config(values, self.environ)
+            prepare_daemon(self.config)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 

@@ -16,10 +16,14 @@ from lmarena_gateway.store import SessionFile
 PHP_FILE = Path(__file__).parent / "data" / "php-sessions.json"
 
 
+# The PHP file's team-alpha uses its own bridge host, which an operator allows on import.
+ALLOW = {"GATEWAY_BRIDGE_ALLOW": "custom-bridge, loopback"}
+
+
 def run(*argv, environ=None):
     out = io.StringIO()
     try:
-        code = main(list(argv), environ=environ or {}, out=out)
+        code = main(list(argv), environ=ALLOW if environ is None else environ, out=out)
     except SystemExit as e:
         return e.code, out.getvalue()
     return code, out.getvalue()
@@ -119,7 +123,7 @@ def test_cleanup_defaults_to_the_configured_days(storage):
     put(storage, "b", 20)
     code, output = run("cleanup", "--storage", storage)  # default 30 days
     assert "removed 1 sessions" in output
-    code, output = run("cleanup", "--storage", storage, environ={"GATEWAY_SESSION_CLEANUP_DAYS": "7"})
+    code, output = run("cleanup", "--storage", storage, environ={"GATEWAY_SESSION_CLEANUP_DAYS": "7", **ALLOW})
     assert "removed 1 sessions" in output
     assert not SessionFile(storage).load()[0]
 
@@ -158,3 +162,52 @@ def test_unreadable_import_file(storage, tmp_path):
     assert code not in (0, None) and "bad.json" in str(code)
     code, _ = run("import", str(tmp_path / "missing.json"), "--storage", storage)
     assert "cannot read" in str(code)
+
+
+def test_import_refuses_bridges_off_the_allow_list(storage):
+    code, output = run("import", str(PHP_FILE), "--storage", storage, environ={})
+    assert "skipped lmarena.ai/team-alpha: BRIDGE_NOT_ALLOWED" in output
+    assert "imported 2, skipped 5" in output and code == 1
+    code, output = run("import", str(PHP_FILE), "--storage", storage, "--bridge-allow", "custom-bridge")
+    assert "imported 3, skipped 4" in output
+
+
+def test_import_keeps_the_session_limit(storage):
+    code, output = run("import", str(PHP_FILE), "--storage", storage,
+                       environ={**ALLOW, "GATEWAY_MAX_SESSIONS_PER_DOMAIN": "1"})
+    assert "skipped lmarena.ai/team-b: SESSION_LIMIT" in output
+    assert sorted(SessionFile(storage).load()[0]) == ["canary.lmarena.ai/team-alpha", "lmarena.ai/team-alpha"]
+
+
+@pytest.mark.parametrize("when", ["Infinity", 1e20, -5, "10000-01-01T00:00:00"])
+def test_import_skips_impossible_times(storage, tmp_path, when):
+    data = json.loads(PHP_FILE.read_text())
+    data["domains"]["lmarena.ai"]["team-b"]["created_at"] = when
+    source = tmp_path / "times.json"
+    source.write_text(json.dumps(data).replace('"Infinity"', "Infinity"))
+    code, output = run("import", str(source), "--storage", storage)
+    assert "skipped lmarena.ai/team-b: INVALID_TIME" in output
+    assert "imported 2, skipped 5" in output
+
+
+def test_cli_reads_only_its_own_settings(storage):
+    run("import", str(PHP_FILE), "--storage", storage)
+    environ = {"GATEWAY_LISTEN": "systemd:domain=INET:name=gone", "GATEWAY_ADMIN_TOKEN": "short",
+               "GATEWAY_API_KEYS_FILE": "/nonexistent"}
+    code, output = run("stats", "--storage", storage, environ=environ)
+    assert code == 0 and "total\t3" in output
+
+
+def test_reading_commands_create_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _ = run("stats", "--storage", str(tmp_path / "nothere" / "s.sqlite3"))
+    assert "no session store" in str(code)
+    code, _ = run("stats", environ={})
+    assert "no session store" in str(code)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_revoke_without_a_secret_says_so(tmp_path):
+    code, _ = run("revoke", "team-x", "--storage", str(tmp_path / "nowhere" / "s.sqlite3"))
+    assert "no registration secret" in str(code)
+    assert list(tmp_path.iterdir()) == []

@@ -5,7 +5,8 @@ import os
 import pytest
 from twisted.python import usage
 
-from lmarena_gateway.config import DEFAULT_DOMAINS, ConfigError, GatewayConfig, build_config
+from lmarena_gateway.config import (DEFAULT_DOMAINS, ConfigError, GatewayConfig, build_config,
+                                    prepare_daemon)
 from lmarena_gateway.tap import GatewayOptions
 
 
@@ -95,6 +96,8 @@ BAD = [
     (["--max-body=lots"], {}, "--max-body", "not a size"),
     (["--bridge-api-key=has space"], {}, "--bridge-api-key", "printable"),
     ([], {"DEBUG_MODE": "maybe"}, "DEBUG_MODE", "true or false"),
+    (["--cors-origins=not an origin"], {}, "--cors-origins", "not an origin"),
+    (["--cors-origins=https://a.example/path"], {}, "--cors-origins", "not an origin"),
     (["--public-url=javascript:alert(1)"], {}, "--public-url", "http(s)"),
     (["--public-url=http://gw.example/\n// @require http://evil"], {}, "--public-url", "plain characters"),
     ([], {"LMARENA_BRIDGE_BASE_URL": "http://h:1/a b"}, "LMARENA_BRIDGE_BASE_URL", "plain characters"),
@@ -116,19 +119,19 @@ def test_storage_directory_that_cannot_be_created(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match=r"^--storage: cannot create directory"):
-        build_config({"storage": str(blocker / "sub" / "s.db")}, {})
+        prepare_daemon(build_config({"storage": str(blocker / "sub" / "s.db")}, {}))
 
 
 def test_storage_directory_that_cannot_be_written(tmp_path):
     if os.geteuid() == 0:
         # root writes anywhere; a read-only bind is not available, so use /proc instead
         with pytest.raises(ConfigError, match=r"^STORAGE_PATH: "):
-            build_config({}, {"STORAGE_PATH": "/proc/lmgateway/sessions.db"})
+            prepare_daemon(build_config({}, {"STORAGE_PATH": "/proc/lmgateway/sessions.db"}))
         return
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     with pytest.raises(ConfigError, match=r"^STORAGE_PATH: directory .* is not writable"):
-        build_config({}, {"STORAGE_PATH": str(locked / "s.db")})
+        prepare_daemon(build_config({}, {"STORAGE_PATH": str(locked / "s.db")}))
 
 
 def test_storage_that_is_a_directory(tmp_path):
@@ -155,3 +158,32 @@ def test_no_module_but_the_entry_points_reads_the_environment():
     package = pathlib.Path(lmarena_gateway.__file__).parent
     readers = sorted(p.name for p in package.glob("*.py") if "os.environ" in p.read_text())
     assert readers == ["cli.py", "tap.py"]
+
+
+def test_a_store_that_is_not_a_database_stops_startup(tmp_path):
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_bytes(b"garbage" * 100)
+    with pytest.raises(usage.UsageError, match=r"^--storage: .*not a usable session database"):
+        parse([f"--storage={junk}"])
+
+
+def test_reading_the_configuration_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    build_config({}, {"STORAGE_PATH": str(tmp_path / "a" / "b" / "s.db")})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_the_named_settings_are_read(tmp_path):
+    environ = {"GATEWAY_LISTEN": "systemd:domain=INET:name=nothere", "STORAGE_PATH": "x.db"}
+    config = build_config({}, environ, names=frozenset({"storage"}))
+    assert config.storage == "x.db" and config.listen == GatewayConfig().listen
+
+
+@pytest.mark.parametrize("keys, problem", [("short", "not a key"), ("sk-long-enough bad!name", "not session name")])
+def test_bad_client_keys_stop_startup(tmp_path, keys, problem):
+    path = tmp_path / "keys"
+    path.write_text("# a comment\n" + keys + "\n")
+    with pytest.raises(usage.UsageError, match=rf"^--api-keys-file: entry 2: {problem}"):
+        parse([f"--api-keys-file={path}"], {}, tmp_path)
+    with pytest.raises(usage.UsageError, match=rf"^GATEWAY_API_KEYS: entry 1: {problem}"):
+        parse([], {"GATEWAY_API_KEYS": keys}, tmp_path)

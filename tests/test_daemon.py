@@ -266,6 +266,32 @@ def test_bad_value_stops_startup_with_one_line(tmp_path, given_as, option, varia
     assert "Traceback" not in result.stderr
 
 
+def test_a_port_in_use_stops_startup_with_one_line(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        result = run_twistd([f"--listen=tcp:{port}:interface=127.0.0.1"], daemon_env(tmp_path), tmp_path)
+    finally:
+        taken.close()
+    # twistd has its log on stdout and stderr by then: the line is in the log, once
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    message = f"lmgateway: --listen: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert [line for line in output.splitlines() if "cannot listen" in line][0].endswith(message)
+    assert output.count("cannot listen") == 1 and "Traceback" not in output
+
+
+def test_a_corrupt_store_stops_startup_with_one_line(tmp_path):
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_bytes(b"garbage" * 1000)
+    result = run_twistd([f"--storage={junk}"], daemon_env(tmp_path), tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmgateway: --storage: ") and "not a usable" in lines[0]
+
+
 # --- socket activation, the way systemd hands a socket over ---
 
 # Puts the inherited socket on fd 3 and sets LISTEN_PID to the pid twistd will have

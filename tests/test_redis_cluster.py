@@ -202,11 +202,12 @@ def test_export_from_a_file_store_imported_into_redis_gives_the_same_sessions(
     (daemon,) = start_pair(tmp_path, daemon_factory, redis_server.url, fake_bridge_process, count=1)
     old_store = str(tmp_path / "old.sqlite3")
     assert "imported 3, skipped 4" in lmgateway("import", str(PHP_FILE), "--storage",
-                                                old_store).stdout
+                                                old_store, "--bridge-allow", "custom-bridge").stdout
 
     export = subprocess.Popen([bin_path("lmgateway"), "export", "--storage", old_store],
                               stdout=subprocess.PIPE)
-    imported = lmgateway("import", "-", "--storage", redis_server.url, stdin=export.stdout)
+    imported = lmgateway("import", "-", "--storage", redis_server.url, "--bridge-allow",
+                         "custom-bridge", stdin=export.stdout)
     export.stdout.close()
     assert export.wait(30) == 0
     assert (imported.returncode, imported.stdout.strip()) == (0, "imported 3, skipped 0")

@@ -286,6 +286,17 @@ def test_keys_file_is_reread_on_sighup(daemon_factory, fake_bridge_process, tmp_
     assert daemon.process.poll() is None
 
 
+def test_emptying_the_keys_file_closes_v1(daemon_factory, fake_bridge_process, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("key-first-111\n")
+    daemon = daemon_factory("--api-keys-file", str(keys), "--bridge-url", fake_bridge_process)
+    keys.write_text("# every key revoked\n")
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "none left" in daemon.log(), 5, what="the re-read")
+    for headers in ({}, {"Authorization": "Bearer key-first-111"}, {"Authorization": "Bearer x"}):
+        assert http("GET", daemon.url + "/v1/models", headers=headers)[0] == 401
+
+
 def test_open_v1_is_warned_about(daemon_factory):
     daemon = daemon_factory()
     assert "no client API keys configured" in daemon.log()
