@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import PathConverter
 from zope.interface import implementer
 
 from . import __version__
@@ -29,10 +30,18 @@ ALLOW_METHODS = b"GET, POST, DELETE, OPTIONS"
 ALLOW_HEADERS = b"Content-Type, Authorization, X-Session-Name, X-Target-Domain, X-Request-ID"
 
 
+class _DomainAndName(PathConverter):
+    """At least two segments, so /session/register and /session/list are not DELETE targets
+    (their 405 then names only their own methods in Allow)."""
+
+    regex = "[^/]+/.+"
+
+
 class Gateway:
     """Routes are methods; everything they need was handed in."""
 
     app = Klein()
+    app.url_map.converters["domain_and_name"] = _DomainAndName
 
     def __init__(self, config, store, client, clock, *, tokens=None, client_keys=None,
                  metrics=None) -> None:
@@ -164,7 +173,7 @@ class Gateway:
             listing.setdefault(record.domain, {})[record.session_name] = record.public()
         return write_json(request, 200, {"domains": listing})
 
-    @app.route("/session/<path:rest>", methods=["DELETE"])
+    @app.route("/session/<domain_and_name:rest>", methods=["DELETE"])
     @inlineCallbacks
     def delete_session(self, request, rest):
         self._require_allowed_origin(request)

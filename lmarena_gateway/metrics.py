@@ -66,7 +66,7 @@ class _SessionsCollector:
 
 
 def route_of(request) -> str:
-    """The route pattern Klein matched (``/session/<path:rest>``), or ``other``."""
+    """The route pattern Klein matched (``/session/<domain_and_name:rest>``), or ``other``."""
     from klein.interfaces import IKleinRequest
 
     mapper = getattr(IKleinRequest(request), "mapper", None)

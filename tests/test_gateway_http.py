@@ -112,3 +112,14 @@ async def test_no_request_log_by_default(gateway_factory):
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert not [e for e in events if e.get("log_format", "").startswith("{method} {path}")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_allow_names_only_the_methods_of_that_path(gateway_factory):
+    gw = await gateway_factory()
+    for path, allowed in (("/session/register", {"POST", "OPTIONS"}),
+                          ("/session/list", {"GET", "HEAD", "OPTIONS"}),
+                          ("/session/lmarena.ai/x", {"DELETE", "OPTIONS"})):
+        status, headers, _ = await call("PUT", gw.url + path)
+        assert status == 405
+        assert {m.strip() for m in headers.getRawHeaders("allow")[0].split(",")} == allowed, path

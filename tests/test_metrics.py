@@ -132,7 +132,7 @@ async def test_labels_are_patterns_never_paths_names_or_ids(gateway_factory):
     assert status == 200
     seen = await scrape(gw.url)
     assert seen.value("lmgateway_requests_total", route="other", status="404") == 1
-    assert seen.value("lmgateway_requests_total", route="/session/<path:rest>", status="200") == 1
+    assert seen.value("lmgateway_requests_total", route="/session/<domain_and_name:rest>", status="200") == 1
     for secret in ("4711", "team-alpha", SESSION["session_id"], SESSION["message_id"]):
         assert secret not in seen.text
 
