@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 
 class HeldBridge(Resource):
@@ -68,3 +70,38 @@ def event(content: str) -> bytes:
     chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
              "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]}
     return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+@implementer(IPushProducer)
+class Flood:
+    """A bridge that writes as fast as it is let: stops when its client stops reading."""
+
+    def __init__(self, request, reactor, chunk: bytes, limit: int) -> None:
+        self.request = request
+        self.reactor = reactor
+        self.chunk = chunk
+        self.limit = limit
+        self.produced = 0
+        self.paused = False
+        self.stopped = False
+        request.registerProducer(self, True)
+        self.reactor.callLater(0, self._pump)
+
+    def _pump(self) -> None:
+        for _ in range(64):  # a burst, then let the reactor breathe
+            if self.paused or self.stopped or self.produced >= self.limit:
+                return
+            self.request.write(self.chunk)
+            self.produced += len(self.chunk)
+        self.reactor.callLater(0, self._pump)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.reactor.callLater(0, self._pump)
+
+    def stopProducing(self) -> None:
+        self.stopped = True

@@ -420,3 +420,40 @@ async def test_every_response_carries_a_request_id(gateway_factory):
         assert len(got.getRawHeaders("x-request-id")[0]) == 32, path
     _, got, _ = await call("GET", gw.url + "/health", headers={"X-Request-ID": "mine-1"})
     assert got.getRawHeaders("x-request-id") == ["mine-1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stops_reading_pauses_the_bridge(gateway_factory, listen, reactor):
+    """Backpressure end to end: the gateway does not soak up what the client won't read."""
+    from bridges import Flood
+
+    bridge = HeldBridge()
+    gw = await registered(gateway_factory, bridge_url=await listen(bridge))
+    response, collector = await open_stream(gw.url)
+    held = await bridge.arrivals.get()
+    limit = 256 * 1024 * 1024
+    flood = Flood(held, reactor, b"data: " + b"x" * 65536 + b"\n\n", limit)
+    await collector.chunks.get()
+    collector.transport.pauseProducing()  # the client stops reading
+
+    # wait until the bridge has been paused and its output stays put
+    last, still_since = -1, reactor.seconds()
+    deadline = reactor.seconds() + 20
+    while reactor.seconds() - still_since < 0.5:
+        assert reactor.seconds() < deadline, "the bridge was never paused"
+        if flood.produced != last:
+            last, still_since = flood.produced, reactor.seconds()
+        await deferLater(reactor, 0.05, lambda: None)
+    assert flood.paused
+    # kernel socket buffers on both hops plus a chunk or two: far below what it would send
+    assert flood.produced < 32 * 1024 * 1024, flood.produced
+
+    collector.transport.resumeProducing()  # reading again lets the bridge go on
+    resumed_at = flood.produced
+    deadline = reactor.seconds() + 10
+    while flood.produced <= resumed_at + 4 * 1024 * 1024:
+        assert reactor.seconds() < deadline, "the bridge never resumed"
+        await deferLater(reactor, 0.02, lambda: None)
+    flood.stopProducing()
+    collector.transport.stopProducing()
+    assert await held.gone is True
