@@ -191,19 +191,28 @@ class Gateway:
         log.info("session deleted: {domain}/{name}", domain=domain, name=name)
         return write_json(request, 200, {"status": "deleted", "domain": domain, "session_name": name})
 
-    # --- the registration userscript (issue 5 fills this in) ---
+    # --- the registration userscript ---
 
     @app.route("/userscript/generate", methods=["GET"])
     def userscript(self, request):
+        name = request.args.get(b"session_name", [b""])[0].decode("utf-8", "replace")
+        return self._userscript(request, name)
+
+    @app.route("/userscript/<name>.user.js", methods=["GET"])
+    def userscript_file(self, request, name):
+        """The same script at a URL ending in .user.js: userscript managers offer to
+        install such a link when it is opened."""
+        return self._userscript(request, name)
+
+    def _userscript(self, request, name: str):
         from .userscript import serve
 
         # The script's own @updateURL carries its registration token: it may fetch its
         # own name's script (nothing more) without the admin token.
-        name = request.args.get(b"session_name", [b""])[0].decode("utf-8", "replace")
         token = request.args.get(b"registration_token", [b""])[0].decode("utf-8", "replace")
         if not (token and self.tokens is not None and self.tokens.is_valid(name, token)):
             self._require_admin(request, allow_basic=True)
-        return serve(request, self.config, tokens=self.tokens)
+        return serve(request, self.config, name, tokens=self.tokens)
 
     # --- Prometheus metrics ---
 

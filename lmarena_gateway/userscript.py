@@ -99,10 +99,10 @@ def gateway_url_for(request, config) -> str:
 
 def _metadata(session_name: str, gateway_url: str, domains: tuple[str, ...],
               registration_token: str | None) -> list[str]:
-    update = f"{gateway_url}/userscript/generate?session_name={session_name}"
+    update = f"{gateway_url}/userscript/{session_name}.user.js"
     if registration_token is not None:
         # the update check has no admin token: the script's own token lets it fetch itself
-        update += f"&registration_token={quote(registration_token, safe='')}"
+        update += f"?registration_token={quote(registration_token, safe='')}"
     connect = urlsplit(gateway_url).hostname
     lines = [
         "// ==UserScript==",
@@ -151,10 +151,9 @@ def render_script(*, session_name: str, gateway_url: str, domains: tuple[str, ..
     return text.replace(VERSION_MARK, f"{TEMPLATE_REVISION}.{int(digest[:8], 16)}", 1)
 
 
-def serve(request, config, tokens=None) -> bytes:
-    """GET /userscript/generate?session_name=NAME: the script as a download."""
-    raw = request.args.get(b"session_name", [b""])[0].decode("utf-8", "replace")
-    name = check_session_name(raw)
+def serve(request, config, raw_name: str, tokens=None) -> bytes:
+    """The script for ``raw_name`` as a download (once the caller has checked access)."""
+    name = check_session_name(raw_name)
     gateway_url = gateway_url_for(request, config)
     try:
         text = render_script(session_name=name, gateway_url=gateway_url, domains=config.domains,

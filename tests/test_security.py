@@ -156,6 +156,21 @@ async def test_local_clients_without_an_admin_token_register_freely(gateway_fact
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_script_is_also_served_at_a_user_js_url(gateway_factory):
+    gw = await gateway_factory(admin_token=ADMIN)
+    status, headers, text = await call("GET", gw.url + "/userscript/team-alpha.user.js", headers=AS_ADMIN)
+    assert status == 200 and b"==UserScript==" in text
+    assert headers.getRawHeaders("content-type") == ["text/javascript; charset=utf-8"]
+    update = re.search(r"// @updateURL\s+(\S+)", text.decode()).group(1)
+    assert update.startswith(gw.url + "/userscript/team-alpha.user.js?registration_token=")
+    status, _, again = await call("GET", update)  # the update check, with no admin token
+    assert status == 200 and again == text
+    status, _, body = await call("GET", gw.url + "/userscript/bad%20name.user.js", headers=AS_ADMIN)
+    assert (status, body["error"]["code"]) == (400, "INVALID_SESSION_NAME")
+    assert (await call("GET", gw.url + "/userscript/team-alpha.user.js"))[0] == 401
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_script_updates_itself_with_its_own_token(gateway_factory):
     gw = await gateway_factory(admin_token=ADMIN)
     token = await script_token(gw, "team-alpha")

@@ -65,7 +65,7 @@ def test_metadata_lines():
     assert values["@run-at"] == "document-start"
     assert ("@grant", "GM_xmlhttpRequest") in meta
     assert [v for k, v in meta if k == "@connect"] == ["gw.example"]
-    update = "http://gw.example:8080/userscript/generate?session_name=team-alpha"
+    update = "http://gw.example:8080/userscript/team-alpha.user.js"
     assert values["@updateURL"] == update and values["@downloadURL"] == update
     repeated = {k for k in keys if keys.count(k) > 1}
     assert repeated <= {"@match", "@grant"}
@@ -88,8 +88,8 @@ def test_registration_token_is_embedded_and_posted_only_when_given():
 
 def test_the_update_url_carries_the_token_percent_encoded():
     values = dict(metadata(render(registration_token="a b/+=&\n@x")))
-    expected = ("http://gw.example:8080/userscript/generate?session_name=team-alpha"
-                "&registration_token=a%20b%2F%2B%3D%26%0A%40x")
+    expected = ("http://gw.example:8080/userscript/team-alpha.user.js"
+                "?registration_token=a%20b%2F%2B%3D%26%0A%40x")
     assert values["@updateURL"] == expected and values["@downloadURL"] == expected
 
 
@@ -114,7 +114,7 @@ def test_trailing_slash_of_the_gateway_url_is_dropped():
     text = render(gateway_url="https://gw.example/prefix/")
     assert setting(text, "GATEWAY_URL") == "https://gw.example/prefix"
     assert dict(metadata(text))["@updateURL"] == \
-        "https://gw.example/prefix/userscript/generate?session_name=team-alpha"
+        "https://gw.example/prefix/userscript/team-alpha.user.js"
 
 
 @pytest.mark.parametrize("url", [
