@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from .redis_sessions import RedisAddress, RedisSessions, connect, decode, parse_address
 from .sessions import Registration, SessionRecord, session_key
-from .store import ISessionStore
+from .store import CachedSessions, ISessionStore
 
 log = Logger()
 BATCH = 500
@@ -41,7 +41,7 @@ class _ChangeListener(txredisapi.SubscriberProtocol):
 
 
 @implementer(ISessionStore)
-class RedisSessionStore(Service):
+class RedisSessionStore(CachedSessions, Service):
     """Sessions in memory for lookups, written through to Redis shared by every instance."""
 
     backend = "redis"
@@ -49,12 +49,11 @@ class RedisSessionStore(Service):
     def __init__(self, address: RedisAddress, reactor, *, prefix: str = "lmgw:",
                  timeout: float = 5.0, heartbeat: float = 2.0,
                  flush_interval: float = 60.0) -> None:
+        super().__init__()
         self.address = address
         self.prefix = prefix
         self.timeout = timeout
         self._reactor = reactor
-        self._cache: dict[str, SessionRecord] = {}
-        self._used: dict[str, float] = {}
         self._seen_rev = 0  # the newest change the channel has delivered
         self._subscriber = None
         self._in_sync = False
@@ -106,13 +105,7 @@ class RedisSessionStore(Service):
         yield self._listener.disconnect()
         yield self.sessions.factory.disconnect()
 
-    # --- reads, from memory ---
-
-    def get(self, domain: str, name: str) -> SessionRecord | None:
-        return self._cache.get(session_key(domain, name))
-
-    def records(self, domain: str | None = None) -> list[SessionRecord]:
-        return [r for r in self._cache.values() if domain is None or r.domain == domain]
+    # --- health ---
 
     def health(self) -> dict:
         connected = self.sessions is not None and self.sessions.connected and self._reachable
@@ -145,13 +138,6 @@ class RedisSessionStore(Service):
             return bool(rev)
 
         return self.sessions.delete(domain, name).addCallback(deleted)
-
-    def touch(self, domain: str, name: str, now: float) -> None:
-        key = session_key(domain, name)
-        record = self._cache.get(key)
-        if record is not None:
-            self._cache[key] = record.touched(now)
-            self._used[key] = float(int(now))
 
     @inlineCallbacks
     def flush(self):

@@ -156,8 +156,30 @@ def export_of(records: Iterable[SessionRecord], now: float) -> dict:
     return {"domains": domains, "created_at": iso(now)}
 
 
+class CachedSessions:
+    """What every store keeps in memory: the sessions, for lookups that never wait, and
+    the uses not yet saved (``touch`` notes them; the store saves them in batches)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, SessionRecord] = {}
+        self._used: dict[str, float] = {}
+
+    def get(self, domain: str, name: str) -> SessionRecord | None:
+        return self._cache.get(session_key(domain, name))
+
+    def records(self, domain: str | None = None) -> list[SessionRecord]:
+        return [r for r in self._cache.values() if domain is None or r.domain == domain]
+
+    def touch(self, domain: str, name: str, now: float) -> None:
+        key = session_key(domain, name)
+        record = self._cache.get(key)
+        if record is not None:
+            self._cache[key] = record.touched(now)
+            self._used[key] = float(int(now))
+
+
 @implementer(ISessionStore)
-class DBMSessionStore(Service):
+class DBMSessionStore(CachedSessions, Service):
     """Sessions in memory for lookups, written through to a SQLite-dbm file."""
 
     backend = "sqlite-dbm"
@@ -165,10 +187,9 @@ class DBMSessionStore(Service):
 
     def __init__(self, path: str, reactor, *, poll_interval: float = 0.5,
                  flush_interval: float = 60.0) -> None:
+        super().__init__()
         self.path = path
         self._reactor = reactor
-        self._cache: dict[str, SessionRecord] = {}
-        self._used: dict[str, float] = {}
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="session-store")
         self._poll = LoopingCall(self._check_for_changes)
         self._poll.clock = reactor
@@ -210,14 +231,6 @@ class DBMSessionStore(Service):
     def _in_thread(self, function, *args) -> Deferred:
         return deferToThreadPool(self._reactor, self._pool, function, *args)
 
-    # --- reads, from memory ---
-
-    def get(self, domain: str, name: str) -> SessionRecord | None:
-        return self._cache.get(session_key(domain, name))
-
-    def records(self, domain: str | None = None) -> list[SessionRecord]:
-        return [r for r in self._cache.values() if domain is None or r.domain == domain]
-
     def health(self) -> dict:
         return {"backend": self.backend, "status": "ok", "sessions": len(self._cache)}
 
@@ -238,13 +251,6 @@ class DBMSessionStore(Service):
             return existed
 
         return self._in_thread(self._file.delete, domain, name).addCallback(deleted)
-
-    def touch(self, domain: str, name: str, now: float) -> None:
-        key = session_key(domain, name)
-        record = self._cache.get(key)
-        if record is not None:
-            self._cache[key] = record.touched(now)
-            self._used[key] = float(int(now))
 
     def flush(self) -> Deferred:
         """Persist the uses noted since the last flush, in one transaction."""
