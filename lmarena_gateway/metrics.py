@@ -8,6 +8,7 @@ bounded sets. Never ids, keys or raw paths, which would grow without limit.
 
 from __future__ import annotations
 
+import re
 from collections import Counter as Tally
 
 from prometheus_client import (
@@ -26,6 +27,11 @@ log = Logger()
 # Requests that match no route (404, 405, CORS preflights) share one label value, so
 # a scanner walking random paths cannot create new series.
 OTHER_ROUTE = "other"
+# Error codes come partly from the bridge's own error bodies: any text a bridge chooses.
+# Codes that look like codes are kept, up to a fixed number of them; the rest are OTHER.
+ERROR_CODE = re.compile(r"[A-Za-z0-9_]{1,48}")
+MAX_ERROR_CODES = 32
+OTHER_CODE = "OTHER"
 # A bridge answers its first chunk in milliseconds to seconds; a whole request (a
 # stream) can last minutes.
 TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -108,6 +114,7 @@ class Metrics:
             "lmgateway_upstream_errors",
             "Bridge failures, by the error code the client was given", ["code"],
             registry=registry)
+        self._error_codes: set[str] = set()
         self.pruning_runs = Counter(
             "lmgateway_pruning_runs", "Pruning passes, by result (ok or failed)", ["result"],
             registry=registry)
@@ -137,6 +144,10 @@ class Metrics:
         self.streamed_bytes.inc(count)
 
     def upstream_error(self, code: str) -> None:
+        if code not in self._error_codes:
+            if not ERROR_CODE.fullmatch(code) or len(self._error_codes) >= MAX_ERROR_CODES:
+                code = OTHER_CODE
+            self._error_codes.add(code)
         self.upstream_errors.labels(code).inc()
 
     def pruned(self, per_domain: dict[str, int] | None) -> None:

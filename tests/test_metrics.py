@@ -195,3 +195,16 @@ def test_pruning_runs_and_sessions_pruned(outcome):
     pruned = {"lmarena.ai": 3, "arena.ai": 1} if outcome == "ok" else {}
     for domain in ("lmarena.ai", "arena.ai"):
         assert seen.value("lmgateway_sessions_pruned_total", domain=domain) == pruned.get(domain, 0)
+
+
+def test_error_codes_from_bridges_cannot_grow_the_series():
+    metrics = Metrics()
+    for index in range(100):
+        metrics.upstream_error(f"CODE_{index}")
+    metrics.upstream_error("not a code: <script>")
+    seen = Scrape(metrics.exposition().decode())
+    codes = {dict(labels)["code"] for name, labels in seen.samples
+             if name == "lmgateway_upstream_errors_total"}
+    assert len(codes) == 33
+    assert seen.value("lmgateway_upstream_errors_total", code="OTHER") == 100 - 32 + 1
+    assert "<script>" not in seen.text
