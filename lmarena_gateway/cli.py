@@ -152,17 +152,28 @@ def cmd_revoke(args, environ, out) -> int:
     from .tokens import revoke
 
     try:
-        config = build_config({"storage": args.storage, "secret-file": args.secret_file}, environ,
-                              CLI_SETTINGS)
+        config = build_config({"storage": args.storage, "secret-file": args.secret_file,
+                               "redis-prefix": args.redis_prefix}, environ, CLI_SETTINGS)
     except ConfigError as e:
         raise SystemExit(f"lmgateway: {e}") from None
     if not SESSION_NAME.match(args.name):
         raise SystemExit(f"lmgateway: {args.name!r} is not a session name")
-    if not os.path.exists(config.registration_secret_file):
-        raise SystemExit(f"lmgateway: no registration secret at {config.registration_secret_file!r}, "
-                         "so no tokens to revoke (check --storage or --secret-file)")
     try:
-        generation = revoke(config.registration_secret_file, args.name)
+        if config.storage.startswith(("redis://", "rediss://", "unix://")):
+            from .redis_sessions import RedisSessionFile
+
+            store = RedisSessionFile(config.storage, prefix=config.redis_prefix,
+                                     domains=config.domains)
+            try:
+                generation = store.revoke_tokens(args.name)
+            finally:
+                store.close()
+        else:
+            if not os.path.exists(config.registration_secret_file):
+                raise SystemExit(f"lmgateway: no registration secret at "
+                                 f"{config.registration_secret_file!r}, so no tokens to revoke "
+                                 "(check --storage or --secret-file)")
+            generation = revoke(config.registration_secret_file, args.name)
     except (OSError, ValueError) as e:
         raise SystemExit(f"lmgateway: cannot revoke: {e}") from None
     print(f"revoked every registration token of {args.name!r} (now generation {generation}); "
@@ -200,6 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("name", metavar="NAME")
     revoke.add_argument("--storage", help="session store (env STORAGE_PATH); the secret lives beside it")
     revoke.add_argument("--secret-file", help="registration secret (env GATEWAY_SECRET_FILE)")
+    revoke.add_argument("--redis-prefix", help="Redis key prefix (env GATEWAY_REDIS_PREFIX)")
 
     fake = commands.add_parser("fake-bridge", help="serve canned bridge answers for demos and tests")
     fake.add_argument("--listen", default="tcp:5102:interface=127.0.0.1", metavar="ENDPOINT")

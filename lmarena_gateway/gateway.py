@@ -212,6 +212,10 @@ class Gateway:
         token = request.args.get(b"registration_token", [b""])[0].decode("utf-8", "replace")
         if not (token and self.tokens is not None and self.tokens.is_valid(name, token)):
             self._require_admin(request, allow_basic=True)
+        if self.tokens is not None and not self.tokens.ready:
+            raise ApiError(503, "STORAGE_UNAVAILABLE",
+                           "the registration secret is not available yet (is the store up?)",
+                           "server_error")
         return serve(request, self.config, name, tokens=self.tokens)
 
     # --- Prometheus metrics ---

@@ -6,7 +6,9 @@ Keys under the prefix (default ``lmgw:``); README "Several instances" explains t
 - ``{prefix}activity``: sorted set, ``domain/name`` scored by last activity (pruning);
 - ``{prefix}rev``: a counter every change increments, so changes have an order;
 - ``{prefix}changes:{db}``: pub/sub channel, one ``rev\\nkey\\nJSON`` message per change
-  (empty JSON: deleted). Channels ignore db numbers, hence the db in the name.
+  (empty JSON: deleted). Channels ignore db numbers, hence the db in the name;
+- ``{prefix}token-secret`` and ``{prefix}token-generations``: the registration token
+  secret and per-name generations (see tokens.RedisSecrets).
 
 Every change is one Lua script: atomic, and announced in the same step. The daemon's
 store (redis_store) and the CLI (:class:`RedisSessionFile`) share these commands.
@@ -214,6 +216,7 @@ class RedisSessions:
         self.redis = factory.handler
         self.timeout = timeout
         self.clock = clock
+        self.prefix = prefix
         self.keys = [prefix + "sessions", prefix + "activity", prefix + "rev"]
         self.channel = f"{prefix}changes:{address.db}"
 
@@ -396,6 +399,11 @@ class RedisSessionFile:
 
     def delete(self, domain: str, name: str) -> bool:
         return bool(self._call(self.sessions.delete, domain, name))
+
+    def revoke_tokens(self, name: str) -> int:
+        """Bump ``name``'s registration token generation (see tokens.RedisSecrets)."""
+        return int(self._call(self.sessions.command, "HINCRBY",
+                              f"{self.sessions.prefix}token-generations", name, 1))
 
     def prune(self, cutoff: float, candidates) -> list[SessionRecord]:
         removed = self._call(self.sessions.prune, cutoff, [r.key for r in candidates])

@@ -15,7 +15,7 @@ from .metrics import Metrics
 from .proxy import make_http_client
 from .security import ClientKeyService
 from .store import DBMSessionStore
-from .tokens import RegistrationTokens
+from .tokens import FileSecrets, RedisSecrets, RegistrationTokens
 
 log = Logger()
 DAY = 86400.0
@@ -119,7 +119,9 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
     pruner.setName("pruner")
     pruner.setServiceParent(root)
 
-    tokens = RegistrationTokens(config.registration_secret_file, reactor)
+    secrets = RedisSecrets(store) if getattr(store, "backend", None) == "redis" \
+        else FileSecrets(config.registration_secret_file)
+    tokens = RegistrationTokens(secrets, reactor)
     tokens.setName("registration-tokens")
     tokens.setServiceParent(root)
     keys = ClientKeyService(config.api_keys_file, config.api_keys, reactor)

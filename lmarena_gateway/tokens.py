@@ -1,8 +1,10 @@
 """Registration tokens: what lets a userscript register ids for its own session name only.
 
 A token is an HMAC of the session name and that name's generation under a server secret.
-The secret is created once (mode 0600) beside the store; replacing it revokes every
-token, and ``lmgateway revoke NAME`` bumps one name's generation to revoke that name's.
+With the file store the secret is a file created once (mode 0600) beside the store; with
+Redis it lives in Redis, so every instance behind a balancer accepts every instance's
+tokens. Replacing the secret revokes every token; ``lmgateway revoke NAME`` bumps one
+name's generation to revoke that name's.
 """
 
 from __future__ import annotations
@@ -76,36 +78,92 @@ def make_token(secret: bytes, name: str, generation: int) -> str:
     return f"{PREFIX}.{generation}.{base64.urlsafe_b64encode(mac).decode().rstrip('=')}"
 
 
-class RegistrationTokens(Service):
-    """Issues and checks tokens; notices a new secret or a revocation within a second."""
+class FileSecrets:
+    """The secret and the generations in two files beside the store."""
 
-    def __init__(self, secret_path: str, reactor, poll_interval: float = 1.0) -> None:
+    def __init__(self, secret_path: str) -> None:
         self.secret_path = secret_path
-        self._reactor = reactor
-        self._secret = b""
-        self._generations: dict[str, int] = {}
         self._stamp = None
-        self._poll = LoopingCall(self._check)
-        self._poll.clock = reactor
-        self._poll_interval = poll_interval
 
-    def _read(self):
+    def read(self):
+        """(secret, generations), or None when neither file changed since the last read."""
         stamp = tuple(
             (st.st_mtime_ns, st.st_ino) if st else None
             for st in map(_stat, (self.secret_path, revocations_path(self.secret_path)))
         )
         if stamp == self._stamp:
             return None
-        return stamp, load_or_create_secret(self.secret_path), load_generations(self.secret_path)
+        self._stamp = stamp
+        return load_or_create_secret(self.secret_path), load_generations(self.secret_path)
+
+    def refresh(self):
+        return deferToThread(self.read)
+
+
+class RedisSecrets:
+    """The secret and the generations in Redis, beside the sessions they guard.
+
+    ``{prefix}token-secret`` is set once (SET NX) by whichever instance comes first;
+    ``{prefix}token-generations`` is a hash of session name -> generation.
+    """
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def read(self):
+        return None  # nothing to read synchronously: the first refresh fills it in
+
+    def refresh(self):
+        from twisted.internet.defer import succeed
+
+        sessions = self.store.sessions
+        if sessions is None or not sessions.connected:
+            return succeed(None)  # keep what we have; registrations fail 503 meanwhile
+        secret_key = f"{self.store.prefix}token-secret"
+        generations_key = f"{self.store.prefix}token-generations"
+
+        def read_both(_):
+            return sessions.command("GET", secret_key).addCallback(
+                lambda secret: sessions.command("HGETALL", generations_key).addCallback(
+                    lambda flat: (_text(secret).encode(), _pairs(flat))))
+
+        return sessions.command("SET", secret_key, secrets.token_hex(32), "NX").addCallback(read_both)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(reply) -> dict[str, int]:
+    if isinstance(reply, dict):
+        return {_text(k): int(v) for k, v in reply.items()}
+    return {_text(reply[i]): int(reply[i + 1]) for i in range(0, len(reply), 2)}
+
+
+class RegistrationTokens(Service):
+    """Issues and checks tokens; notices a new secret or a revocation within a second."""
+
+    def __init__(self, source, reactor, poll_interval: float = 1.0) -> None:
+        self.source = source
+        self._reactor = reactor
+        self._secret = b""
+        self._generations: dict[str, int] = {}
+        self._poll = LoopingCall(self._check)
+        self._poll.clock = reactor
+        self._poll_interval = poll_interval
+
+    @property
+    def secret_path(self) -> str | None:
+        return getattr(self.source, "secret_path", None)
 
     def _apply(self, result) -> None:
         if result is not None:
-            self._stamp, self._secret, self._generations = result
+            self._secret, self._generations = result
 
     def startService(self) -> None:
         # At startup, before serving: reading a small file here blocks no one.
-        self._apply(self._read())
-        self._poll.start(self._poll_interval, now=False).addErrback(
+        self._apply(self.source.read())
+        self._poll.start(self._poll_interval, now=True).addErrback(
             lambda f: log.failure("registration token reload stopped", f))
         super().startService()
 
@@ -115,10 +173,18 @@ class RegistrationTokens(Service):
         return super().stopService()
 
     def _check(self):
-        return deferToThread(self._read).addCallback(self._apply).addErrback(
-            lambda f: log.failure("could not re-read the registration secret", f))
+        return self.source.refresh().addCallback(self._apply).addErrback(
+            lambda f: log.error("could not re-read the registration secret: {why}",
+                                why=f.getErrorMessage()))
+
+    @property
+    def ready(self) -> bool:
+        """False until the secret is known (with Redis: until Redis first answered)."""
+        return bool(self._secret)
 
     def token_for(self, name: str) -> str:
+        if not self._secret:
+            raise ValueError("the registration secret is not loaded")
         return make_token(self._secret, name, self._generations.get(name, 0))
 
     def is_valid(self, name: str, token) -> bool:

@@ -23,9 +23,8 @@ PHP_FILE = Path(__file__).parent / "data" / "php-sessions.json"
 
 
 def start_pair(tmp_path, daemon_factory, redis_url: str, bridge_url: str, count: int = 2):
-    # Instances behind one front share the registration secret as they share Redis.
-    secret = {"GATEWAY_SECRET_FILE": str(tmp_path / "registration.secret")}
-    daemons = [daemon_factory("--storage", redis_url, "--bridge-url", bridge_url, env=secret)
+    # The registration secret lives in Redis: nothing else to share.
+    daemons = [daemon_factory("--storage", redis_url, "--bridge-url", bridge_url)
                for _ in range(count)]
     for daemon in daemons:
         wait_for(lambda: store_status(daemon) == "ok", 10, what="the store to connect")
@@ -233,3 +232,29 @@ def test_cli_without_redis_is_a_clear_error():
     result = lmgateway("stats", "--storage", f"redis://127.0.0.1:{free_port()}/0")
     assert result.returncode == 1
     assert result.stderr.startswith("lmgateway: the session store (Redis) is unavailable")
+
+
+def test_registration_tokens_work_on_every_instance_and_revoke_everywhere(
+        tmp_path, redis_server, daemon_factory, fake_bridge_process):
+    """The secret lives in Redis: a script from one instance registers through another."""
+    admin = {"GATEWAY_ADMIN_TOKEN": "cluster-admin-token-0123"}
+    a, b = (daemon_factory("--storage", redis_server.url, "--bridge-url", fake_bridge_process,
+                           env={**admin, "GATEWAY_SECRET_FILE": str(tmp_path / f"secret-{i}")})
+            for i in range(2))
+    auth = {"Authorization": "Bearer cluster-admin-token-0123"}
+    for daemon in (a, b):  # each has read the secret once Redis answered
+        wait_for(lambda: http("GET", daemon.url + "/userscript/team-r.user.js", headers=auth)[0] == 200,
+                 10, what="the secret from Redis")
+    _, _, script = http("GET", a.url + "/userscript/team-r.user.js", headers=auth)
+    token = script.decode().split('var REGISTRATION_TOKEN = "', 1)[1].split('"', 1)[0]
+    _, _, other = http("GET", b.url + "/userscript/team-r.user.js", headers=auth)
+    assert token in other.decode()  # both instances issue the same token
+    body = dict(SESSION, session_name="team-r", registration_token=token)
+    assert http("POST", b.url + "/session/register", body)[0] == 200
+    assert not (tmp_path / "secret-0").exists() and not (tmp_path / "secret-1").exists()
+
+    revoked = lmgateway("revoke", "team-r", "--storage", redis_server.url)
+    assert revoked.returncode == 0, revoked.stderr
+    for daemon in (a, b):
+        wait_for(lambda: http("POST", daemon.url + "/session/register", body)[0] == 403, 5,
+                 what="the revocation to reach every instance")

@@ -453,3 +453,11 @@ async def test_no_secret_in_logs_errors_or_listings(gateway_factory, captured_lo
     for name, secret in secrets.items():
         assert secret not in text, name
         assert secret not in logged, name
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_userscript_before_the_secret_is_known(gateway_factory):
+    gw = await gateway_factory()
+    gw.service.getServiceNamed("registration-tokens")._secret = b""  # Redis not answered yet
+    status, _, body = await call("GET", gw.url + "/userscript/team-x.user.js")
+    assert (status, body["error"]["code"]) == (503, "STORAGE_UNAVAILABLE")
