@@ -59,12 +59,14 @@ def machine() -> dict:
     import twisted
 
     nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    commit = subprocess.run(["git", "-C", str(BENCH), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "?"
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
     return {"nproc": os.cpu_count(), "cpu": first("/proc/cpuinfo", "model name"),
             "ram": first("/proc/meminfo", "MemTotal"), "kernel": platform.release(),
             "python": platform.python_version(), "twisted": twisted.__version__,
             "nginx": nginx.split("/")[-1], "wrk": wrk.split(" [")[0],
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit}
 
 
 def loadavg() -> float:
@@ -269,6 +271,7 @@ def main(argv=None) -> int:
     print()
     print(f"{info['nproc']} x {info['cpu']}, {info['ram']} RAM, Python {info['python']}, "
           f"Twisted {info['twisted']}, nginx {info['nginx']}, {info['wrk']}, {info['date']}, "
+          f"commit {info['commit']}, "
           f"{settings.runs} run(s) each, median; load average {info['loadavg_start']:.2f} "
           f"-> {info['loadavg_end']:.2f}")
     print(text)
