@@ -65,6 +65,15 @@ def post_json(url: str, payload: dict, timeout: float = 5.0) -> tuple[int, bytes
         return e.code, e.read()
 
 
+def started(proc: "Proc", check, timeout: float, what: str) -> None:
+    """Wait for a child to serve; stop it if it never does, so nothing is left running."""
+    try:
+        wait_until(check, timeout, what)
+    except BaseException:
+        proc.stop()
+        raise
+
+
 def wait_until(check, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -132,7 +141,7 @@ def start_bridge(workdir: Path, name: str, *, chunks: int, delay_ms: float) -> t
         proc.check()
         return get(url + "/v1/models")[0] == 200
 
-    wait_until(up, 20, f"the fake bridge {name}")
+    started(proc, up, 20, f"the fake bridge {name}")
     return proc, url
 
 
@@ -148,7 +157,7 @@ def start_gateway(workdir: Path, name: str, bridge_url: str, storage: Path,
         proc.check()
         return get(url + "/health")[0] == 200
 
-    wait_until(up, timeout, f"the gateway {name}")
+    started(proc, up, timeout, f"the gateway {name}")
     return proc, url
 
 
@@ -188,5 +197,5 @@ def start_nginx(workdir: Path, name: str, bridge_url: str) -> tuple[Proc, str, i
         proc.check()
         return get(url + "/v1/models")[0] == 200 and children(proc.pid)
 
-    wait_until(up, 20, f"nginx {name}")
+    started(proc, up, 20, f"nginx {name}")
     return proc, url, children(proc.pid)[0]

@@ -191,11 +191,11 @@ def w4_sessions(targets: dict[str, Target], bridge_url: str, settings, workdir: 
     big, url = start_gateway(run_dir, "gateway-many", bridge_url, storage, timeout=300,
                              extra=("--max-sessions-per-domain", str(settings.sessions)))
     startup = time.monotonic() - started
-    register(url)
     results: dict = {"startup": {"gateway-many": [{"seconds": startup,
                                                    "rss_mib": proc_stats(big.pid)["rss_kib"] / 1024}]}}
     paths = dict(targets, **{"gateway-many": Target(url, big.pid)})
     try:
+        register(url)
         for target in paths.values():
             wrk(target, "chat", 50, 1, workdir, {})
         for rep in range(settings.runs):
