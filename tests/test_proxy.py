@@ -6,8 +6,9 @@ import socket
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import CancelledError, gatherResults
 from twisted.internet.task import Clock, deferLater
+from twisted.web.client import ResponseNeverReceived
 
 from bridges import ChunkCollector, ErrorBridge, HeldBridge, event
 from conftest import SESSION, call, free_port
@@ -374,8 +375,9 @@ async def test_client_leaving_before_the_bridge_answers_is_quiet(gateway_factory
             held = await bridge.arrivals.get()
             pending.cancel()  # the client gives up while the bridge is still thinking
             assert await held.gone is True  # and the gateway dropped the bridge request
-            with pytest.raises(Exception):
+            with pytest.raises(ResponseNeverReceived) as failed:
                 await pending
+            assert failed.value.reasons[0].check(CancelledError)  # our own cancel, nothing else
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert not [e for e in events if "log_failure" in e], [e.get("log_format") for e in events]
