@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import datetime, timezone
 from urllib.parse import unquote
@@ -22,12 +23,30 @@ from .errors import ApiError, render_error, write_json
 from .metrics import Metrics
 from .proxy import Proxy, request_id
 from .security import AdminAuth, ClientKeys, require_bridge_allowed
-from .sessions import check_domain, check_session_name, validate_registration
+from .sessions import check_domain, check_session_name, trimmed, validate_registration
 
 log = Logger()
 MAX_SESSION_BODY = 64 * 1024
 ALLOW_METHODS = b"GET, POST, DELETE, OPTIONS"
 ALLOW_HEADERS = b"Content-Type, Authorization, X-Session-Name, X-Target-Domain, X-Request-ID"
+# An HTTP token (RFC 9110), the only thing a header name may be.
+_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_SLASHES = re.compile(rb"//+")
+
+
+def allowed_request_headers(asked: bytes | None) -> bytes:
+    """What a preflight may allow: the headers it asks for, if each is a token.
+
+    The openai Node SDK sends x-stainless-* headers (and more with each release), so a
+    fixed list drops its calls in every browser; echoing what is asked is the one list
+    that keeps up. Anything that is not a header name gets the fixed list instead.
+    """
+    if not asked:
+        return ALLOW_HEADERS
+    names = [name.strip() for name in asked.split(b",") if name.strip()]
+    if not names or len(names) > 64 or not all(_TOKEN.match(name) for name in names):
+        return ALLOW_HEADERS
+    return b", ".join(names)
 
 
 class _DomainAndName(PathConverter):
@@ -42,6 +61,7 @@ class Gateway:
 
     app = Klein()
     app.url_map.converters["domain_and_name"] = _DomainAndName
+    app.url_map.merge_slashes = False  # FrontDoor collapses them; werkzeug would redirect
 
     def __init__(self, config, store, client, clock, *, tokens=None, client_keys=None,
                  metrics=None) -> None:
@@ -113,6 +133,8 @@ class Gateway:
         raw = request.content.read(limit + 1)
         if len(raw) > limit:
             raise ApiError(413, "BODY_TOO_LARGE", f"the body is over {limit} bytes")
+        if not raw.strip():
+            return None  # no fields at all: MISSING_FIELDS, as the PHP gateway answers
         try:
             return json.loads(raw)
         except ValueError:
@@ -122,7 +144,7 @@ class Gateway:
     @inlineCallbacks
     def register(self, request):
         self._require_allowed_origin(request)
-        body = self._json_body(request, MAX_SESSION_BODY)
+        body = trimmed(self._json_body(request, MAX_SESSION_BODY))
         admin = self.admin.is_admin(request)
         if not admin:
             self._check_registration_token(request, body)
@@ -195,8 +217,9 @@ class Gateway:
 
     @app.route("/userscript/generate", methods=["GET"])
     def userscript(self, request):
-        name = request.args.get(b"session_name", [b""])[0].decode("utf-8", "replace")
-        return self._userscript(request, name)
+        # Without a name, the PHP gateway generated the script of "default"; so do we.
+        name = request.args.get(b"session_name", [b""])[0].decode("utf-8", "replace").strip()
+        return self._userscript(request, name or "default")
 
     @app.route("/userscript/<name>.user.js", methods=["GET"])
     def userscript_file(self, request, name):
@@ -240,6 +263,22 @@ class Gateway:
     def models(self, request):
         return self.proxy.models(request)
 
+    @app.route("/v1/models/<path:model_id>", methods=["GET"])
+    def model(self, request, model_id):
+        return self.proxy.model(request, model_id)
+
+    @app.route("/v1/completions", branch=False)
+    def completions(self, request):
+        raise ApiError(404, "UNSUPPORTED_ENDPOINT",
+                       "the legacy completions endpoint is not served: LMArena models are chat "
+                       "models; use POST /v1/chat/completions (or /v1/responses)")
+
+    @app.route("/v1/embeddings", branch=False)
+    def embeddings(self, request):
+        raise ApiError(404, "UNSUPPORTED_ENDPOINT",
+                       "embeddings are not served: LMArena has no embedding models; use an "
+                       "embeddings provider directly, and this gateway for chat")
+
 
 @implementer(IResource)
 class FrontDoor:
@@ -266,14 +305,29 @@ class FrontDoor:
             origins = self.config.cors_origins
             if "*" in origins:
                 return b"*"
+        # The answer depends on Origin whether or not it matches: a cache must not hand
+        # one origin's answer (with or without the header) to another.
+        request.setHeader(b"Vary", b"Origin")
         origin = request.getHeader(b"origin")
         if origin and origin.decode("latin-1") in origins:
-            request.setHeader(b"Vary", b"Origin")
             return origin
         return None
 
+    @staticmethod
+    def _forgiving_path(request) -> None:
+        """``/v1//chat/completions`` (a base URL ending in /) is served, never redirected.
+
+        werkzeug would answer a 308 to our own port, past the front proxy and over http.
+        """
+        path = request.path
+        if b"//" not in path and not (path.endswith(b"/") and len(path) > 1):
+            return
+        request.path = _SLASHES.sub(b"/", path).rstrip(b"/") or b"/"
+        request.postpath = [segment for segment in request.postpath if segment]
+
     def render(self, request):
         started = time.monotonic()
+        self._forgiving_path(request)
         request.request_id = request_id(request)
         request.setHeader(b"X-Request-ID", request.request_id.encode())
         origin = self._allow_origin(request)
@@ -293,7 +347,11 @@ class FrontDoor:
         if request.method == b"OPTIONS":
             request.setResponseCode(204)
             request.setHeader(b"Access-Control-Allow-Methods", ALLOW_METHODS)
-            request.setHeader(b"Access-Control-Allow-Headers", ALLOW_HEADERS)
+            asked = request.getHeader(b"access-control-request-headers")
+            request.setHeader(b"Access-Control-Allow-Headers",
+                              allowed_request_headers(asked) if origin else ALLOW_HEADERS)
+            vary = request.responseHeaders.getRawHeaders(b"vary", [])
+            request.setHeader(b"Vary", b", ".join([*vary, b"Access-Control-Request-Headers"]))
             request.setHeader(b"Access-Control-Max-Age", b"600")
             return b""
         return self.inner.render(request)

@@ -14,11 +14,17 @@ from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.error import ConnectingCancelledError, ConnectError, DNSLookupError, TimeoutError
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
+from twisted.web._newclient import _WrapperException
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.python.failure import Failure
+from twisted.web.client import (Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool,
+                                _HTTP11ClientFactory)
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
 from twisted.web.http_headers import Headers
 
 from .config import GatewayConfig
-from .errors import ApiError
+from .errors import ApiError, set_error_headers
 from .metrics import Metrics
 from .relay import Relay, normalize_error, read_capped, set_status
 from .security import require_bridge_allowed
@@ -28,24 +34,73 @@ log = Logger()
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
+def _reasons(failure):
+    """The failure and every failure the HTTP client wrapped inside it."""
+    yield failure
+    if failure.check(_WrapperException):
+        for reason in failure.value.reasons:
+            yield from _reasons(reason)
+
+
 def _cancelled(failure) -> bool:
     """A cancellation, however the HTTP client wrapped it."""
-    if failure.check(CancelledError, ConnectingCancelledError):
-        return True
-    if failure.check(ResponseFailed):
-        return any(_cancelled(reason) for reason in failure.value.reasons)
-    return False
+    return any(f.check(CancelledError, ConnectingCancelledError) for f in _reasons(failure))
+
+
+def _tls_failed(failure) -> bool:
+    from OpenSSL.SSL import Error as TLSError
+
+    return any(f.check(TLSError) for f in _reasons(failure))
 
 
 def _why(failure) -> str:
     """One readable reason, not a repr of nested Failures."""
-    if failure.check(ResponseFailed) and failure.value.reasons:
+    if failure.check(_WrapperException) and failure.value.reasons:
         return _why(failure.value.reasons[0])
     return failure.getErrorMessage() or failure.type.__name__
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False  # one "Starting factory" log line per bridge connection is noise
+
+
+@implementer(IPolicyForHTTPS)
+class HandshakeDeadline:
+    """TLS to a bridge must finish within the connect timeout.
+
+    A plain-http server sent a TLS ClientHello may wait for a request line forever
+    (twisted.web does), so an ``https://`` URL in front of it would hang until the idle
+    timeout; past the deadline the handshake fails as a TLS error, which we can name.
+    """
+
+    def __init__(self, inner, clock, timeout: float) -> None:
+        self.inner = inner
+        self.clock = clock
+        self.timeout = timeout
+
+    def creatorForNetloc(self, hostname: bytes, port: int):
+        return _DeadlineCreator(self.inner.creatorForNetloc(hostname, port), self)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _DeadlineCreator:
+    def __init__(self, inner, policy: HandshakeDeadline) -> None:
+        self.inner = inner
+        self.policy = policy
+
+    def clientConnectionForTLS(self, tls_protocol):
+        from OpenSSL.SSL import Error as TLSError
+
+        connection = self.inner.clientConnectionForTLS(tls_protocol)
+
+        def expired() -> None:
+            # A finished handshake or a closed connection makes this a no-op.
+            if tls_protocol.connected and not getattr(tls_protocol, "_handshakeDone", True):
+                tls_protocol.failVerification(Failure(TLSError(
+                    f"no TLS handshake within {self.policy.timeout:g} s")))
+
+        self.policy.clock.callLater(self.policy.timeout, expired)
+        return connection
 
 
 def make_http_client(reactor, config: GatewayConfig):
@@ -58,16 +113,23 @@ def make_http_client(reactor, config: GatewayConfig):
     # Below uvicorn's 5 s keep-alive: we drop idle connections before the bridge does,
     # so a POST never lands on a connection the bridge is closing.
     pool.cachedConnectionTimeout = 4
-    agent = Agent(reactor, connectTimeout=config.connect_timeout, pool=pool)
+    agent = Agent(reactor, connectTimeout=config.connect_timeout, pool=pool,
+                  contextFactory=HandshakeDeadline(BrowserLikePolicyForHTTPS(), reactor,
+                                                   config.connect_timeout))
     return HTTPClient(agent), pool
 
 
 @frozen
 class Upstream:
-    """Where one request goes and how it authenticates there."""
+    """Where one request goes and how it authenticates there.
+
+    ``label`` names it in messages a client shows its user: the session, never the URL
+    (which stays in the log line, matched by the request id).
+    """
 
     base_url: str
     api_key: str | None = None
+    label: str = "the bridge"
 
     def url(self, path: str) -> str:
         return self.base_url + path
@@ -79,11 +141,13 @@ def upstream_for(record: SessionRecord | None, config: GatewayConfig) -> Upstrea
     A registered URL is checked against --bridge-allow again here: the list may have
     shrunk since the session was registered.
     """
+    label = f"the bridge of session {record.session_name!r}" if record is not None \
+        else "the default bridge"
     if record is not None and record.bridge_base_url:
         require_bridge_allowed(record.bridge_base_url, config.bridge_allow_list, status=403)
-        return Upstream(record.bridge_base_url, record.bridge_api_key)
+        return Upstream(record.bridge_base_url, record.bridge_api_key, label)
     key = record.bridge_api_key if record is not None and record.bridge_api_key else config.bridge_api_key
-    return Upstream(config.bridge_url, key)
+    return Upstream(config.bridge_url, key, label)
 
 
 def request_id(request) -> str:
@@ -97,6 +161,12 @@ def request_id(request) -> str:
         if REQUEST_ID.match(text):
             return text
     return uuid.uuid4().hex
+
+
+def session_name_of(request) -> str:
+    """X-Session-Name, else the PHP gateway's fallback X-Session-ID, else ``default``."""
+    given = request.getHeader(b"x-session-name") or request.getHeader(b"x-session-id")
+    return check_session_name((given or b"default").decode("latin-1").strip())
 
 
 class Proxy:
@@ -114,9 +184,8 @@ class Proxy:
     # --- session resolution ---
 
     def resolve(self, request, *, required: bool) -> SessionRecord | None:
-        name = (request.getHeader(b"x-session-name") or b"default").decode("latin-1")
-        domain = (request.getHeader(b"x-target-domain") or b"lmarena.ai").decode("latin-1")
-        name = check_session_name(name)
+        name = session_name_of(request)
+        domain = (request.getHeader(b"x-target-domain") or b"lmarena.ai").decode("latin-1").strip()
         if self.client_keys is not None:
             self.client_keys().require(request, name)
         domain = check_domain(domain, self.config.domains)
@@ -150,7 +219,7 @@ class Proxy:
         try:
             body = json.loads(raw)
         except ValueError:
-            raise ApiError(400, "INVALID_REQUEST", "the body must be JSON") from None
+            raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "INVALID_REQUEST", "the body must be a JSON object")
         for name, kind in required:
@@ -183,7 +252,9 @@ class Proxy:
                              self._apply_alias(record, body, raw), sse=False)
 
     @inlineCallbacks
-    def models(self, request):
+    def _model_list(self, request):
+        """The bridge's models plus the session's aliases; fires with a list, or with
+        bytes (the bridge's error, already set on the request)."""
         record = self.resolve(request, required=False)
         upstream = upstream_for(record, self.config)
         rid = request_id(request)
@@ -191,21 +262,43 @@ class Proxy:
         response = yield self._send(b"GET", upstream, "/v1/models", None, record, rid)
         body = yield read_capped(response, 16 * 1024 * 1024)
         if response.code >= 300:
-            return self._bridge_error(request, upstream, response.code, body)
+            return self._bridge_error(request, upstream, response, body)
         try:
             listing = json.loads(body)
             models = list(listing["data"])
         except (ValueError, KeyError, TypeError):
             self.metrics.upstream_error("BRIDGE_BAD_RESPONSE")
+            log.info("bridge {url} sent an unreadable model list", url=upstream.base_url,
+                     request_id=rid)
             raise ApiError(502, "BRIDGE_BAD_RESPONSE",
-                           f"the bridge at {upstream.base_url} sent an unreadable model list",
+                           f"{upstream.label} sent an unreadable model list",
                            "bridge_error") from None
         if record is not None:
             for alias, target in sorted(record.models.items()):
                 models.append({"id": alias, "object": "model", "created": int(record.created_at),
                                "owned_by": f"alias of {target} (session {record.session_name})"})
+        return models
+
+    @inlineCallbacks
+    def models(self, request):
+        models = yield self._model_list(request)
+        if isinstance(models, bytes):
+            return models
         request.setHeader(b"Content-Type", b"application/json")
         return json.dumps({"object": "list", "data": models}).encode()
+
+    @inlineCallbacks
+    def model(self, request, model_id: str):
+        """One model of the same list (``models.retrieve`` in both SDKs)."""
+        models = yield self._model_list(request)
+        if isinstance(models, bytes):
+            return models
+        for entry in models:
+            if isinstance(entry, dict) and entry.get("id") == model_id:
+                request.setHeader(b"Content-Type", b"application/json")
+                return json.dumps(entry).encode()
+        raise ApiError(404, "MODEL_NOT_FOUND",
+                       f"no model {model_id!r} in this session's list (GET /v1/models)")
 
     # --- upstream plumbing ---
 
@@ -234,34 +327,53 @@ class Proxy:
             if timer.active():
                 timer.cancel()
             if failure.check(TimeoutError) or (timed_out and _cancelled(failure)):
-                self.metrics.upstream_error("BRIDGE_TIMEOUT")
-                raise ApiError(504, "BRIDGE_TIMEOUT",
-                               f"the bridge at {upstream.base_url} did not answer in time",
-                               "bridge_error")
-            if _cancelled(failure):
+                code, status, what = "BRIDGE_TIMEOUT", 504, "did not answer in time"
+            elif _cancelled(failure):
                 raise CancelledError()  # the client went away: nothing to report
-            if failure.check(ConnectError, DNSLookupError, ResponseFailed, ConnectionError):
-                log.info("bridge {url} unreachable: {why}", url=url, why=_why(failure))
-                self.metrics.upstream_error("BRIDGE_UNAVAILABLE")
-                raise ApiError(502, "BRIDGE_UNAVAILABLE",
-                               f"the bridge at {upstream.base_url} is unreachable",
-                               "bridge_error")
-            return failure
+            elif _tls_failed(failure):
+                code, status, what = "BRIDGE_TLS_ERROR", 502, (
+                    "could not be reached over TLS (is its URL https:// in front of a "
+                    "plain-http bridge, or is its certificate wrong?)")
+            elif failure.check(ConnectError, DNSLookupError, ConnectionError):
+                code, status, what = "BRIDGE_ERROR", 502, "is unreachable"
+            else:
+                # Anything else the HTTP client can raise (a connection lost while the
+                # request was written, a malformed answer, ...) is still the bridge's
+                # failure, in the envelope: never Twisted's HTML error page.
+                code, status, what = "BRIDGE_ERROR", 502, "failed to answer"
+            log.info("bridge {url} {code}: {why}", url=url, code=code, why=_why(failure),
+                     request_id=rid)
+            self.metrics.upstream_error(code)
+            raise ApiError(status, code, f"{upstream.label} {what}", "bridge_error")
 
         return d.addCallbacks(answered, failed)
 
-    def _bridge_error(self, request, upstream: Upstream, status: int, body: bytes) -> bytes:
-        """A bridge error keeps its status, in the envelope; a redirect is a bad answer."""
+    def _bridge_error(self, request, upstream: Upstream, response, body: bytes) -> bytes:
+        """A bridge error keeps its status, in the envelope; a redirect is a bad answer.
+
+        The bridge's own ``Retry-After`` is a delay we know, so it is passed on.
+        """
+        status = response.code
         if status < 400:
+            log.info("bridge {url} answered with a redirect (HTTP {status})",
+                     url=upstream.base_url, status=status, request_id=request_id(request))
             status, payload = 502, {"error": {
-                "message": f"the bridge at {upstream.base_url} answered with a redirect "
+                "message": f"{upstream.label} answered with a redirect "
                            f"(HTTP {status}), which the gateway does not follow",
                 "type": "bridge_error", "code": "BRIDGE_BAD_RESPONSE"}}
         else:
             payload = normalize_error(status, body)
-        self.metrics.upstream_error(payload["error"]["code"])
+            log.info("bridge {url} answered HTTP {status}", url=upstream.base_url,
+                     status=status, request_id=request_id(request))
+        code = payload["error"]["code"]
+        self.metrics.upstream_error(code)
         set_status(request, status)
         request.setHeader(b"Content-Type", b"application/json")
+        delay = response.headers.getRawHeaders(b"retry-after", [None])[0]
+        extra = ()
+        if delay is not None and re.fullmatch(rb"\d{1,6}", delay.strip()):
+            extra = (("Retry-After", delay.strip().decode()),)
+        set_error_headers(request, code, extra)
         return json.dumps(payload).encode()
 
     def _stream_closed(self, result):
@@ -288,7 +400,7 @@ class Proxy:
             if response.code >= 300:
                 return read_capped(response).addCallback(
                     lambda body: finished.callback(
-                        self._bridge_error(request, upstream, response.code, body)))
+                        self._bridge_error(request, upstream, response, body)))
             set_status(request, response.code)
             content_type = response.headers.getRawHeaders(b"content-type", [None])[0]
             if sse:
@@ -300,7 +412,8 @@ class Proxy:
             protocol = Relay(request, self.clock, sse=sse,
                               idle_timeout=self.config.stream_idle_timeout,
                               keepalive=self.config.keepalive,
-                              upstream_url=upstream.base_url, finished=finished,
+                              upstream_url=upstream.base_url, label=upstream.label,
+                              finished=finished,
                               metrics=self.metrics, sent_at=sent_at)
             relay.append(protocol)
             self.metrics.stream_opened()  # finished fires once, however the relay ends

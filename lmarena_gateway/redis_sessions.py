@@ -26,7 +26,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbac
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.error import TimeoutError as TwistedTimeout
 
-from .errors import ApiError
+from .errors import ApiError, retry_after
 from .sessions import Registration, SessionRecord, iso, record_is_valid, session_key
 from .store import SessionFile
 
@@ -202,9 +202,14 @@ def decode(value: str) -> SessionRecord:
     return SessionFile._decode(b"", value.encode())
 
 
+RECONNECT_MAX_DELAY = 2.0
+
+
 def unavailable(why: str) -> ApiError:
+    """Reconnection is tried at least this often, so that is the delay we can promise."""
     return ApiError(503, "STORAGE_UNAVAILABLE",
-                    f"the session store (Redis) is unavailable: {why}", "server_error")
+                    f"the session store (Redis) is unavailable: {why}", "server_error",
+                    headers=retry_after(RECONNECT_MAX_DELAY))
 
 
 class RedisSessions:
@@ -337,7 +342,7 @@ def connect(address: RedisAddress, reactor, *, timeout: float, subscriber=None,
             username=address.username, replyTimeout=timeout, convertNumbers=False)
     factory.reconnect = reconnect
     # Retry soon after a drop (a restart takes seconds), then every 2 s at most.
-    factory.initialDelay, factory.maxDelay = 0.25, 2.0
+    factory.initialDelay, factory.maxDelay = 0.25, RECONNECT_MAX_DELAY
     factory.startConnecting(address.endpoint(reactor, timeout))
     return factory
 

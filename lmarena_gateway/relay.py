@@ -71,7 +71,7 @@ class Relay(Protocol):
 
     def __init__(self, request, clock, *, sse: bool, idle_timeout: float,
                  keepalive: float, upstream_url: str, finished: Deferred,
-                 metrics=None, sent_at: float = 0.0) -> None:
+                 label: str = "the bridge", metrics=None, sent_at: float = 0.0) -> None:
         self.request = request
         self.metrics = metrics
         self.sent_at = sent_at  # when the bridge request left: the first byte's clock
@@ -79,7 +79,8 @@ class Relay(Protocol):
         self.sse = sse
         self.idle_timeout = idle_timeout
         self.keepalive = keepalive if sse else 0
-        self.upstream_url = upstream_url
+        self.upstream_url = upstream_url  # for the log only
+        self.label = label  # names the bridge in messages a client shows
         self.finished = finished
         self.tail = b"\n\n"  # the last bytes written: are we between two events?
         self.seen_done = False
@@ -122,7 +123,7 @@ class Relay(Protocol):
 
     def _idle_expired(self) -> None:
         self._end_with_error(
-            f"the bridge at {self.upstream_url} sent nothing for {self.idle_timeout:g} s",
+            f"{self.label} sent nothing for {self.idle_timeout:g} s",
             "BRIDGE_TIMEOUT",
         )
         self.transport.stopProducing()
@@ -132,13 +133,14 @@ class Relay(Protocol):
             self.metrics.upstream_error(code)
         self.stopped = True
         self._cancel_timers()
+        log.info("bridge {url} {code}: {message}", url=self.upstream_url, code=code,
+                 message=message, request_id=getattr(self.request, "request_id", None))
         if self.sse:
             prefix = b"" if self._between_events() else b"\n\n"
             self.request.write(prefix + _sse_error(message, code))
             self._finish()
         else:
             # A JSON body cut short must not look complete: drop the connection.
-            log.warn("bridge body lost: {message}", message=message)
             self.request.unregisterProducer()
             self.request.loseConnection()
             self.finished.callback(None)
@@ -170,11 +172,11 @@ class Relay(Protocol):
         if self.sse and not self.seen_done:
             why = "closed the stream" if clean else "was lost"
             self._end_with_error(
-                f"the bridge at {self.upstream_url} {why} before the answer was complete",
+                f"{self.label} {why} before the answer was complete",
                 "BRIDGE_STREAM_LOST",
             )
         elif not self.sse and not clean:
-            self._end_with_error(f"the bridge at {self.upstream_url} was lost mid-answer",
+            self._end_with_error(f"{self.label} was lost mid-answer",
                                  "BRIDGE_STREAM_LOST")
         else:
             self.stopped = True

@@ -186,10 +186,19 @@ def check_bridge_url(url) -> str:
     return url.rstrip("/")
 
 
+def trimmed(body):
+    """Blanks around a value are a copy-paste slip, not a different value (PHP trims too)."""
+    if not isinstance(body, dict):
+        return body
+    return {k: v.strip() if isinstance(v, str) else v for k, v in body.items()}
+
+
 def validate_registration(body, domains) -> Registration:
     """The rules of POST /session/register; raises ApiError with a stable code."""
     if not isinstance(body, dict):
-        raise _bad("INVALID_JSON", "the body must be a JSON object")
+        # The PHP gateway's code: an empty or non-object body has none of the fields.
+        raise _bad("MISSING_FIELDS", f"the body must be a JSON object with {', '.join(REQUIRED)}")
+    body = trimmed(body)
     missing = [name for name in REQUIRED if body.get(name) in (None, "")]
     if missing:
         raise _bad("MISSING_FIELDS", f"missing required fields: {', '.join(missing)}")

@@ -52,6 +52,10 @@ async def test_preflight(gateway_factory):
     methods = headers.getRawHeaders("access-control-allow-methods")[0]
     assert {m.strip() for m in methods.split(",")} >= {"GET", "POST", "DELETE", "OPTIONS"}
     allowed = {h.strip().lower() for h in headers.getRawHeaders("access-control-allow-headers")[0].split(",")}
+    assert allowed == {"content-type", "x-session-name"}  # what it asked for
+    status, headers, body = await call("OPTIONS", gw.url + "/v1/chat/completions", headers={
+        "Origin": "https://lmarena.ai", "Access-Control-Request-Method": "POST"})
+    allowed = {h.strip().lower() for h in headers.getRawHeaders("access-control-allow-headers")[0].split(",")}
     assert allowed >= {"content-type", "authorization", "x-session-name", "x-target-domain", "x-request-id"}
 
 

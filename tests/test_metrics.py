@@ -119,7 +119,7 @@ async def test_upstream_errors_counted_by_code(gateway_factory):
     assert (await scrape(gw.url)).value("lmgateway_upstream_errors_total",
                                         code="BRIDGE_NOT_READY") == 1
     seen = await scrape(dead.url)
-    assert seen.value("lmgateway_upstream_errors_total", code="BRIDGE_UNAVAILABLE") == 1
+    assert seen.value("lmgateway_upstream_errors_total", code="BRIDGE_ERROR") == 1
     assert seen.value("lmgateway_requests_total", route="/v1/chat/completions", status="502") == 1
 
 

@@ -100,7 +100,7 @@ async def test_bridge_unreachable(gateway_factory):
     gw, client = await sdk_for(gateway_factory, bridge_url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(openai.InternalServerError) as caught:
         await deferToThread(client.chat.completions.create, model="m", messages=MESSAGES)
-    assert caught.value.status_code == 502 and caught.value.code == "BRIDGE_UNAVAILABLE"
+    assert caught.value.status_code == 502 and caught.value.code == "BRIDGE_ERROR"
 
 
 @pytest_twisted.ensureDeferred
@@ -121,3 +121,49 @@ async def test_bridge_lost_mid_stream_raises_in_the_sdk(gateway_factory, listen)
         await streaming
     assert received == ["partial"]
     assert caught.value.body["code"] == "BRIDGE_STREAM_LOST"
+
+
+@pytest_twisted.ensureDeferred
+async def test_models_retrieve(gateway_factory):
+    gw, client = await sdk_for(gateway_factory)
+    model = await deferToThread(client.models.retrieve, "gpt-4")
+    assert model.id == "gpt-4" and "fake-model" in model.owned_by
+    with pytest.raises(openai.NotFoundError) as caught:
+        await deferToThread(client.models.retrieve, "no-such-model")
+    assert caught.value.code == "MODEL_NOT_FOUND"
+
+
+@pytest_twisted.ensureDeferred
+async def test_legacy_completions_and_embeddings_say_what_to_use(gateway_factory):
+    gw, client = await sdk_for(gateway_factory)
+    with pytest.raises(openai.NotFoundError) as caught:
+        await deferToThread(client.completions.create, model="gpt-4", prompt="Hi")
+    assert caught.value.code == "UNSUPPORTED_ENDPOINT"
+    assert "/v1/chat/completions" in caught.value.message
+    with pytest.raises(openai.NotFoundError) as caught:
+        await deferToThread(client.embeddings.create, model="gpt-4", input="Hi")
+    assert caught.value.code == "UNSUPPORTED_ENDPOINT"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sdk_does_not_retry_a_bridge_without_a_browser(gateway_factory):
+    gw, client = await sdk_for(gateway_factory)
+    retrying = client.with_options(max_retries=3)
+    with pytest.raises(openai.InternalServerError) as caught:
+        await deferToThread(retrying.chat.completions.create, model="fake-error-503",
+                            messages=MESSAGES)
+    assert caught.value.code == "BRIDGE_NOT_READY"
+    assert len(gw.bridge.seen) == 1  # x-should-retry: false, honoured
+    with pytest.raises(openai.InternalServerError):
+        await deferToThread(retrying.with_options(timeout=60).chat.completions.create,
+                            model="fake-error-502", messages=MESSAGES)
+    assert len(gw.bridge.seen) == 1 + 4  # a 502 is retried as usual: the header mattered
+
+
+@pytest_twisted.ensureDeferred
+async def test_openwebui_base_url_with_a_trailing_slash(gateway_factory):
+    gw, client = await sdk_for(gateway_factory)
+    slashed = client.with_options(base_url=gw.url + "/v1//")
+    completion = await deferToThread(slashed.chat.completions.create, model="gpt-4",
+                                     messages=MESSAGES)
+    assert completion.choices[0].message.content == TEXT

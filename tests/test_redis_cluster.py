@@ -124,8 +124,9 @@ def test_redis_restarted_loses_nothing_acknowledged_and_never_says_ok_while_down
         redis_server.kill()
         wait_for(lambda: store_status(a) == store_status(b) == "degraded", 10,
                  what="both instances to report the store degraded")
-        status, _, body = register(b, "during-outage")
+        status, headers, body = register(b, "during-outage")
         assert (status, body["error"]["code"]) == (503, "STORAGE_UNAVAILABLE")
+        assert headers["Retry-After"] == "2"  # the reconnection interval
         status, _, body = http("DELETE", f"{b.url}/session/lmarena.ai/known")
         assert (status, body["error"]["code"]) == (503, "STORAGE_UNAVAILABLE")
         assert stream_chat(b, "known") == TEXT  # known sessions keep working from memory

@@ -456,8 +456,13 @@ async def test_no_secret_in_logs_errors_or_listings(gateway_factory, captured_lo
 
 
 @pytest_twisted.ensureDeferred
-async def test_no_userscript_before_the_secret_is_known(gateway_factory):
+async def test_no_userscript_before_the_secret_is_known(gateway_factory, reactor):
     gw = await gateway_factory()
-    gw.service.getServiceNamed("registration-tokens")._secret = b""  # Redis not answered yet
+    tokens = gw.service.getServiceNamed("registration-tokens")
+    # A reload in flight would bring the secret back: wait until none is, then stop them.
+    while tokens._poll.call is None:
+        await deferLater(reactor, 0.01, lambda: None)
+    tokens._poll.stop()
+    tokens._secret = b""  # Redis not answered yet
     status, _, body = await call("GET", gw.url + "/userscript/team-x.user.js")
     assert (status, body["error"]["code"]) == (503, "STORAGE_UNAVAILABLE")

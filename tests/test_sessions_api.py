@@ -89,7 +89,10 @@ REFUSALS = [
     (dict(SESSION, models=["gpt-4"]), 400, "INVALID_MODELS", ""),
     (dict(SESSION, models={"gpt-4": 1}), 400, "INVALID_MODELS", ""),
     (dict(SESSION, models={f"m{i}": "x" for i in range(201)}), 400, "INVALID_MODELS", ""),
-    (["not", "an", "object"], 400, "INVALID_JSON", ""),
+    (["not", "an", "object"], 400, "MISSING_FIELDS", "session_id"),  # PHP's code
+    (b"", 400, "MISSING_FIELDS", "session_id"),
+    (b"  \n", 400, "MISSING_FIELDS", "session_id"),
+    (b"null", 400, "MISSING_FIELDS", "session_id"),
     (b"{not json", 400, "INVALID_JSON", ""),
     (b"\xff\xfe", 400, "INVALID_JSON", ""),
     (b"{" + b" " * (64 * 1024) + b"}", 413, "BODY_TOO_LARGE", ""),

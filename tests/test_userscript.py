@@ -332,8 +332,8 @@ async def test_route_uses_the_public_url(gateway_factory):
 
 
 @pytest.mark.parametrize("query", [
-    "", "?session_name=", "?session_name=a%20b", "?session_name=a%2Fb",
-    "?session_name=%3C%2Fscript%3E", "?session_name=" + "x" * 65, "?name=team-alpha"])
+    "?session_name=a%20b", "?session_name=a%2Fb",
+    "?session_name=%3C%2Fscript%3E", "?session_name=" + "x" * 65])
 @pytest_twisted.ensureDeferred
 async def test_route_refuses_a_bad_session_name(gateway_factory, query):
     gw = await gateway_factory()
