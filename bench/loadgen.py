@@ -217,7 +217,8 @@ def digest(streams: list[dict], errors: dict[str, int]) -> dict:
             "ttfb_p50_ms": percentile(ttfb, 50), "ttfb_p99_ms": percentile(ttfb, 99),
             "total_p50_ms": percentile(total, 50), "total_p99_ms": percentile(total, 99),
             "gap_p50_ms": percentile(gaps, 50), "gap_p99_ms": percentile(gaps, 99),
-            "bytes": sum(s["bytes"] for s in streams)}
+            "bytes": sum(s["bytes"] for s in streams),
+            "events": sum(len(s["gaps"]) + 1 for s in streams)}
 
 
 async def _connect(host: str, port: int) -> Client:

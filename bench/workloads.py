@@ -54,15 +54,20 @@ def wrk(target: Target, script: str, concurrency: int, duration: float, workdir:
                "--timeout", "10s", "--latency", "-s", str(combined), target.url]
     out = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60,
                          check=True).stdout
-    cpu = {name: 100.0 * (proc_stats(pid)["cpu_s"] - before[name]) / duration
-           for name, pid in watch.items()}
+    cpu_s = {name: proc_stats(pid)["cpu_s"] - before[name] for name, pid in watch.items()}
+    cpu = {name: 100.0 * used / duration for name, used in cpu_s.items()}
     line = next(line for line in out.splitlines() if line.startswith("WRK_JSON "))
     raw = json.loads(line[len("WRK_JSON "):])
     errors = sum(raw[k] for k in ("connect_errors", "read_errors", "write_errors",
                                   "status_errors", "timeouts"))
     return {"rps": raw["requests"] / (raw["duration_us"] / 1e6), "p50_ms": raw["p50_us"] / 1000,
             "p99_ms": raw["p99_us"] / 1000, "requests": raw["requests"], "errors": errors,
-            "cpu_percent": cpu}
+            "cpu_percent": cpu, "cpu_s": cpu_s}
+
+
+def per_thousand(cpu_s: float, count: int) -> float | None:
+    """CPU seconds per 1 000 of something: readable without a saturated machine."""
+    return 1000.0 * cpu_s / count if count else None
 
 
 def loadgen(target: Target, mode: str, *, events: int, extra: list[str],
@@ -87,30 +92,38 @@ def w1_request_rate(targets: dict[str, Target], settings, workdir: Path, log) ->
                 for name, target in targets.items():
                     run = wrk(target, script, concurrency, settings.duration, workdir, watch)
                     run["proxy_cpu_percent"] = run["cpu_percent"][name]
+                    run["proxy_cpu_s_per_1k"] = per_thousand(run["cpu_s"][name], run["requests"])
                     results.setdefault(case, {}).setdefault(name, []).append(run)
                     log(f"w1 run {rep + 1} {case} {name}: {run['rps']:.0f} req/s "
                         f"p99 {run['p99_ms']:.2f} ms, {name} CPU {run['proxy_cpu_percent']:.0f}%")
     return results
 
 
-def w2_streaming(targets: dict[str, Target], settings, log) -> dict:
-    """Streaming chat, 20 chunks 10 ms apart: first byte, total, gaps between chunks."""
+def w2_streaming(targets: dict[str, Target], settings, log, *,
+                 fast: dict[str, Target] | None = None) -> dict:
+    """Streaming chat, 20 chunks 10 ms apart (and 0 ms apart through ``fast``, at
+    concurrency 50): first byte, total, gaps between chunks, CPU per 1 000 chunks."""
     events = events_for(STREAM_CHUNKS)
-    for target in targets.values():
-        loadgen(target, "stream", events=events, timeout=60,
-                extra=["--concurrency", "20", "--duration", "1"])
+    plan = [(f"stream c={c}", targets, c) for c in settings.concurrency]
+    if fast is not None:
+        plan.append(("stream 0ms c=50", fast, 50))
+    for paths in {id(p): p for _, p, _ in plan}.values():
+        for target in paths.values():
+            loadgen(target, "stream", events=events, timeout=60,
+                    extra=["--concurrency", "20", "--duration", "1"])
     results: dict = {}
     for rep in range(settings.runs):
-        for concurrency in settings.concurrency:
-            case = f"stream c={concurrency}"
-            for name, target in targets.items():
+        for case, paths, concurrency in plan:
+            for name, target in paths.items():
                 before = proc_stats(target.pid)["cpu_s"]
                 started = time.monotonic()
                 run = loadgen(target, "stream", events=events, timeout=settings.duration + 120,
                               extra=["--concurrency", str(concurrency),
                                      "--duration", str(settings.duration)])
-                run["proxy_cpu_percent"] = 100.0 * (proc_stats(target.pid)["cpu_s"] - before) \
-                    / (time.monotonic() - started)
+                used = proc_stats(target.pid)["cpu_s"] - before
+                run["proxy_cpu_percent"] = 100.0 * used / (time.monotonic() - started)
+                run["proxy_cpu_s_per_1k"] = per_thousand(used, run["completed"])
+                run["proxy_cpu_s_per_1k_chunks"] = per_thousand(used, run["events"])
                 results.setdefault(case, {}).setdefault(name, []).append(run)
                 log(f"w2 run {rep + 1} {case} {name}: {run['completed']} streams, "
                     f"{run['failed']} failed, ttfb p50 {run['ttfb_p50_ms']:.1f} ms, "
@@ -169,6 +182,7 @@ def w3_open_streams(settings, workdir: Path, log) -> dict:
             run["proxy_cpu_s"] = proxy["cpu_s"]
             run["proxy_cpu_percent"] = 100.0 * proxy["cpu_s"] / run["wall_s"]
             run["proxy_cpu_ms_per_stream"] = 1000.0 * proxy["cpu_s"] / settings.streams
+            run["proxy_cpu_s_per_1k_chunks"] = per_thousand(proxy["cpu_s"], run["events"])
             results.setdefault(f"open {settings.streams}", {}).setdefault(name, []).append(run)
             log(f"w3 run {rep + 1} {name}: {run['completed']}/{settings.streams} completed, "
                 f"peak open {run['peak_open']}, {run['proxy_rss_per_stream_kib']:.1f} KiB "

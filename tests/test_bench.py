@@ -95,3 +95,36 @@ def test_nginx_config_is_valid(tmp_path):
                               "-e", str(tmp_path / "error.log")], capture_output=True, text=True,
                              timeout=30)
     assert checked.returncode == 0, checked.stderr
+
+
+def test_ratio_targets_read_throughput_against_nginx_and_ttfb_against_direct():
+    settings = run.parse_args(["--runs", "1", "--streams", "1000"])
+    medians = {"models c=50": {"nginx": {"rps": 2000.0}, "gateway": {"rps": 150.0}},
+               "chat c=50": {"nginx": {"rps": 2000.0}, "gateway": {"rps": 250.0}},
+               "stream c=200": {"direct": {"ttfb_p50_ms": 10.0}, "gateway": {"ttfb_p50_ms": 14.0}},
+               "open 1000": {"direct": {"ttfb_p50_ms": 100.0}, "gateway": {"ttfb_p50_ms": 140.0}}}
+    assert run.ratio_targets(medians, settings) == [
+        ("models c=50 throughput >= 0.10 of nginx (aim 0.12)", "0.07", False),
+        ("chat c=50 throughput >= 0.10 of nginx (aim 0.12)", "0.12", True),
+        ("stream c=200 TTFB p50 within 1.5x direct", "1.40x", True),
+        ("open 1000 TTFB p50 within 1.3x direct", "1.40x", False)]
+
+
+def test_summary_is_the_issue_table_with_cpu_per_thousand():
+    settings = run.parse_args(["--runs", "1", "--streams", "1000"])
+    medians = {"chat c=50": {"direct": {"rps": 2000.0, "proxy_cpu_s_per_1k": 0.3},
+                             "nginx": {"rps": 1800.0, "proxy_cpu_s_per_1k": 0.03},
+                             "gateway": {"rps": 400.0, "proxy_cpu_s_per_1k": 0.9}}}
+    lines = run.table(medians, settings, run.summary_rows(settings)).splitlines()[2:]
+    assert [line.split()[-6:] for line in lines] == [
+        ["2000", "1800", "400", "0.90", "0.20", "0.22"],
+        ["0.30", "0.03", "0.90", "0.10", "3.00", "30.0"]]
+
+
+def test_cpu_per_thousand_and_the_events_a_run_counted():
+    import workloads
+
+    assert workloads.per_thousand(0.5, 2000) == 0.25
+    assert workloads.per_thousand(0.5, 0) is None
+    streams = [{"ttfb": 0.01, "total": 0.2, "gaps": [0.01] * 21, "bytes": 10}] * 3
+    assert loadgen.digest(streams, {})["events"] == 66
