@@ -23,6 +23,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 from twisted.web.http_headers import Headers
 
+from .bridge_client import BridgeClient
 from .config import GatewayConfig
 from .errors import ApiError, set_error_headers
 from .metrics import Metrics
@@ -104,9 +105,10 @@ class _DeadlineCreator:
 
 
 def make_http_client(reactor, config: GatewayConfig):
-    """One client over one persistent pool for every bridge request."""
-    from treq.client import HTTPClient
+    """One client over one persistent pool for every bridge request.
 
+    treq's surface; the bridge requests skip treq's per-call wrappers (see bridge_client).
+    """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = 64
@@ -116,7 +118,7 @@ def make_http_client(reactor, config: GatewayConfig):
     agent = Agent(reactor, connectTimeout=config.connect_timeout, pool=pool,
                   contextFactory=HandshakeDeadline(BrowserLikePolicyForHTTPS(), reactor,
                                                    config.connect_timeout))
-    return HTTPClient(agent), pool
+    return BridgeClient(agent), pool
 
 
 @frozen
@@ -170,7 +172,7 @@ def session_name_of(request) -> str:
 
 
 class Proxy:
-    """The /v1 routes' logic; ``client`` is a treq HTTPClient or a StubTreq."""
+    """The /v1 routes' logic; ``client`` has treq's surface (a BridgeClient, a StubTreq)."""
 
     def __init__(self, config: GatewayConfig, store, client, clock, *, client_keys=None,
                  metrics: Metrics | None = None) -> None:

@@ -1,0 +1,104 @@
+"""The bridge hot path in memory: what goes on the wire, and what is left to treq."""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface.verify import verifyObject
+
+from lmarena_gateway.bridge_client import BridgeClient, BytesProducer
+
+
+class RecordingAgent:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        self.calls.append((method, uri, headers, bodyProducer))
+        return "agent's deferred"
+
+
+class RecordingTreq:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def request(self, method, url, **kwargs):
+        self.calls.append((method, url, kwargs))
+        return "treq's deferred"
+
+
+def test_bytes_producer_writes_the_body_at_once_with_its_length():
+    producer = BytesProducer(b'{"a": 1}')
+    verifyObject(IBodyProducer, producer)
+    assert producer.length == 8
+    consumer = StringTransport()
+    done = producer.startProducing(consumer)
+    assert consumer.value() == b'{"a": 1}'
+    assert done.called
+
+
+def test_a_proxy_request_goes_straight_to_the_agent():
+    agent, treq = RecordingAgent(), RecordingTreq()
+    client = BridgeClient(agent, fallback=treq)
+    headers = Headers({b"X-Request-ID": [b"r1"]})
+    answer = client.request("POST", "http://127.0.0.1:5102/v1/chat/completions", data=b"{}",
+                            headers=headers, allow_redirects=False, unbuffered=True)
+    assert answer == "agent's deferred"
+    [(method, uri, sent_headers, producer)] = agent.calls
+    assert (method, uri) == (b"POST", b"http://127.0.0.1:5102/v1/chat/completions")
+    assert sent_headers is headers
+    assert producer.body == b"{}"
+    assert treq.calls == []
+
+
+def test_a_get_without_a_body_has_no_producer():
+    agent = RecordingAgent()
+    BridgeClient(agent, fallback=RecordingTreq()).request(
+        "GET", "http://127.0.0.1:5102/v1/models", headers=None, allow_redirects=False,
+        unbuffered=True)
+    assert agent.calls == [(b"GET", b"http://127.0.0.1:5102/v1/models", None, None)]
+
+
+def test_any_other_request_is_treqs():
+    agent, treq = RecordingAgent(), RecordingTreq()
+    client = BridgeClient(agent, fallback=treq)
+    client.request("GET", "http://127.0.0.1:5102/", allow_redirects=False, unbuffered=True,
+                   params={"a": "b"})
+    client.request("GET", "http://127.0.0.1:5102/")  # follows redirects, buffers
+    client.request("POST", "http://127.0.0.1:5102/", json={"a": 1}, allow_redirects=False,
+                   unbuffered=True)
+    client.request("GET", "http://bücher.example/", allow_redirects=False, unbuffered=True)
+    assert agent.calls == []
+    assert [call[1] for call in treq.calls] == ["http://127.0.0.1:5102/"] * 3 + [
+        "http://bücher.example/"]
+
+
+def test_on_a_real_agent_the_request_is_plain_http_without_gzip():
+    """treq's ContentDecoderAgent asked for gzip; a bridge's stream must come as it is."""
+    reactor = MemoryReactorClock()
+    agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=True))
+    client = BridgeClient(agent)
+    answered = client.request("POST", "http://127.0.0.1:5102/v1/chat/completions",
+                              data=b'{"model": "m"}',
+                              headers=Headers({b"Content-Type": [b"application/json"]}),
+                              allow_redirects=False, unbuffered=True)
+    [(host, port, factory, _, _)] = reactor.tcpClients
+    assert (host, port) == ("127.0.0.1", 5102)
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /v1/chat/completions HTTP/1.1"
+    fields = {line.split(b": ", 1)[0].lower(): line.split(b": ", 1)[1] for line in lines[1:]}
+    assert fields[b"content-length"] == b"14"
+    assert fields[b"host"] == b"127.0.0.1:5102"
+    assert b"accept-encoding" not in fields and b"cookie" not in fields
+    assert body == b'{"model": "m"}'
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+    response = []
+    answered.addCallback(response.append)
+    assert response[0].code == 200
