@@ -285,3 +285,41 @@ async def call(method: str, url: str, body=None, headers=None):
         return response.code, response.headers, json.loads(raw)
     except ValueError:
         return response.code, response.headers, raw
+
+
+# --- tiers: markers from what a test uses, so -m selects the in-memory unit tier ---
+
+TIERS = {
+    "process": {"daemon_factory", "fake_bridge_process", "target", "wheelhouse", "fresh_venv"},
+    "redis": {"redis_server"},
+    "browser": {"browser", "browsing"},
+    "wheel": {"wheelhouse", "fresh_venv"},
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        used = set(item.fixturenames)  # the whole fixture closure
+        for marker, fixtures in TIERS.items():
+            if used & fixtures:
+                item.add_marker(marker)
+        module = item.module.__name__ if item.module else ""
+        for marker in ("redis", "browser"):
+            if marker in module:
+                item.add_marker(marker)
+        if module.endswith("test_daemon"):  # every test there runs twistd or systemd-analyze
+            item.add_marker("process")
+
+
+@pytest.fixture(autouse=True)
+def _processes_are_marked(request, monkeypatch):
+    """A test outside the process tier that starts a process fails and says how to fix it,
+    so ``-m "not process and not redis and not browser"`` stays in memory."""
+    if any(request.node.get_closest_marker(m) for m in ("process", "redis", "browser")):
+        return
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a process: mark it "
+                             "@pytest.mark.process (see TIERS in tests/conftest.py)")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

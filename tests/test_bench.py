@@ -86,6 +86,7 @@ def test_table_ratios_and_targets_from_medians():
     assert checks == [("models c=50 throughput >= 0.25 of direct (aim 0.4)", "0.30", True)]
 
 
+@pytest.mark.process
 def test_nginx_config_is_valid(tmp_path):
     nginx = require_binary("nginx", "/usr/sbin/nginx")
     conf = tmp_path / "nginx.conf"

@@ -137,6 +137,7 @@ def test_cleanup_0_only_prints_stats(storage):
 
 
 @pytest.mark.parametrize("command", [["stats"], ["export"], ["cleanup", "1"]])
+@pytest.mark.process
 def test_missing_store_is_a_clear_error(tmp_path, command):
     result = subprocess.run([bin_path("lmgateway"), *command, "--storage", str(tmp_path / "none.sqlite3")],
                             capture_output=True, text=True, timeout=30)
@@ -146,6 +147,7 @@ def test_missing_store_is_a_clear_error(tmp_path, command):
     assert not (tmp_path / "none.sqlite3").exists()
 
 
+@pytest.mark.process
 def test_unreadable_store_is_a_clear_error(tmp_path):
     junk = tmp_path / "junk.sqlite3"
     junk.write_bytes(b"garbage" * 1000)

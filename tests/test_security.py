@@ -206,6 +206,7 @@ async def test_secret_is_private_and_rotation_revokes_every_token(gateway_factor
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.process
 async def test_revoke_one_name(gateway_factory, reactor):
     gw = await gateway_factory(admin_token=ADMIN)
     alpha, beta = await script_token(gw, "team-alpha"), await script_token(gw, "team-beta")
