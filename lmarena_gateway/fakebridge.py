@@ -125,16 +125,26 @@ class FakeBridge:
                 "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": self.text},
                              "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": self.chunks,
-                          "total_tokens": 1 + self.chunks}})
+                "usage": self._usage()})
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"Cache-Control", b"no-cache")
         events = [chunk_event(model, {"role": "assistant", "content": piece} if i == 0
                               else {"content": piece}, None, created)
                   for i, piece in enumerate(split_text(self.text, self.chunks))]
         events.append(chunk_event(model, {}, "stop", created))
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            # As OpenAI does: one more chunk, with no choices, carrying the usage.
+            usage = {"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                     "created": created, "model": model, "choices": [],
+                     "usage": self._usage()}
+            events.append(b"data: " + json.dumps(usage).encode() + b"\n\n")
         events.append(b"data: [DONE]\n\n")
         return self._play(request, events)
+
+    def _usage(self) -> dict:
+        return {"prompt_tokens": 1, "completion_tokens": self.chunks,
+                "total_tokens": 1 + self.chunks}
 
     def _play(self, request, events: list[bytes]) -> Deferred:
         pending = []

@@ -255,6 +255,18 @@ class Gateway:
     def chat_completions(self, request):
         return self.proxy.chat(request)
 
+    @app.route("/v1/responses", methods=["POST"])
+    def responses(self, request):
+        from .responses import serve
+
+        return serve(self.proxy, request, self.clock)
+
+    @app.route("/v1/responses/<path:response_id>", branch=False)
+    def stored_response(self, request, response_id):
+        raise ApiError(404, "RESPONSE_NOT_FOUND",
+                       "responses are not stored (they are answered with store: false); "
+                       "send the whole conversation in 'input' instead")
+
     @app.route("/v1/images/generations", methods=["POST"])
     def image_generations(self, request):
         return self.proxy.images(request)

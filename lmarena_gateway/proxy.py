@@ -243,7 +243,16 @@ class Proxy:
     def chat(self, request) -> Deferred:
         record = self.resolve(request, required=True)
         body, raw = self.read_json_body(request, required=(("model", str), ("messages", list)))
+        return self.forward_chat(request, record, body, raw)
+
+    def forward_chat(self, request, record, body: dict, raw: bytes | None = None) -> Deferred:
+        """The chat path every chat-shaped request takes (/v1/responses translates into it).
+
+        ``request`` is whatever the answer is written to: the client's request, or a
+        translator standing in for it.
+        """
         stream = body.get("stream") is True
+        raw = json.dumps(body).encode() if raw is None else raw
         return self._forward(request, record, "/v1/chat/completions",
                              self._apply_alias(record, body, raw), sse=stream)
 

@@ -167,3 +167,17 @@ async def test_openwebui_base_url_with_a_trailing_slash(gateway_factory):
     completion = await deferToThread(slashed.chat.completions.create, model="gpt-4",
                                      messages=MESSAGES)
     assert completion.choices[0].message.content == TEXT
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_passes_through_a_stream_when_asked_for(gateway_factory):
+    gw, client = await sdk_for(gateway_factory)
+
+    def stream(**options):
+        return list(client.chat.completions.create(model="gpt-4", messages=MESSAGES,
+                                                   stream=True, **options))
+
+    chunks = await deferToThread(stream, stream_options={"include_usage": True})
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 5
+    chunks = await deferToThread(stream)
+    assert all(chunk.usage is None for chunk in chunks)  # not asked for: none invented
