@@ -82,6 +82,24 @@ def make_store(config: GatewayConfig, reactor):
     return DBMSessionStore(config.storage, reactor)
 
 
+class Listener(StreamServerEndpointService):
+    """One ``--listen`` endpoint that says where it listens, so ``tcp:0`` is usable."""
+
+    def __init__(self, endpoint, factory) -> None:
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True  # see GatewayService
+        self.port = None  # the IListeningPort, once bound
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._bound)
+
+    def _bound(self, port):
+        self.port = port
+        log.info("listening on {address}", address=port.getHost())
+        return port
+
+
 class GatewayService(MultiService):
     """The daemon: a port it cannot listen on stops it at once, in one line.
 
@@ -137,8 +155,7 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
                       metrics=metrics)
     site = make_site(gateway)
     for index, description in enumerate(config.listen):
-        listener = StreamServerEndpointService(serverFromString(reactor, description), site)
-        listener._raiseSynchronously = True  # see GatewayService
+        listener = Listener(serverFromString(reactor, description), site)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(root)
     if not config.log_requests:

@@ -227,40 +227,21 @@ async def gateway_factory(reactor, tmp_path, listen):
         running.bridge = bridge
         if "bridge_url" not in overrides:
             overrides["bridge_url"] = await listen(bridge.app.resource())
-        port = free_port()
-        overrides.setdefault("storage", str(tmp_path / f"sessions-{port}.sqlite3"))
-        config = evolve(GatewayConfig(), listen=(f"tcp:{port}:interface=127.0.0.1",), **overrides)
+        overrides.setdefault("storage", str(tmp_path / f"sessions-{len(services)}.sqlite3"))
+        config = evolve(GatewayConfig(), listen=("tcp:0:interface=127.0.0.1",), **overrides)
         service = make_service(config, reactor)
         service.startService()
         services.append(service)
         running.config = config
         running.service = service
         running.store = service.getServiceNamed("store")
+        port = service.getServiceNamed("listen-0").port.getHost().port  # bound at start
         running.url = f"http://127.0.0.1:{port}"
-        # the listener is up once a connection succeeds
-        await wait_until_listening(reactor, port)
         return running
 
     yield make
     for service in services:
         await service.stopService()
-
-
-async def wait_until_listening(reactor, port: int, timeout: float = 5.0) -> None:
-    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-    from twisted.internet.protocol import Protocol
-    from twisted.internet.task import deferLater
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            protocol = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Protocol())
-            protocol.transport.loseConnection()
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await deferLater(reactor, 0.02, lambda: None)
 
 
 SESSION = {
