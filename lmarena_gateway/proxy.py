@@ -23,7 +23,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 from twisted.web.http_headers import Headers
 
-from .bridge_client import BridgeClient
+from .bridge_client import BridgeClient, BridgeEndpoints
 from .config import GatewayConfig
 from .errors import ApiError, set_error_headers
 from .metrics import Metrics
@@ -115,9 +115,9 @@ def make_http_client(reactor, config: GatewayConfig):
     # Below uvicorn's 5 s keep-alive: we drop idle connections before the bridge does,
     # so a POST never lands on a connection the bridge is closing.
     pool.cachedConnectionTimeout = 4
-    agent = Agent(reactor, connectTimeout=config.connect_timeout, pool=pool,
-                  contextFactory=HandshakeDeadline(BrowserLikePolicyForHTTPS(), reactor,
-                                                   config.connect_timeout))
+    tls = HandshakeDeadline(BrowserLikePolicyForHTTPS(), reactor, config.connect_timeout)
+    endpoints = BridgeEndpoints(reactor, connect_timeout=config.connect_timeout, tls_policy=tls)
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     return BridgeClient(agent), pool
 
 

@@ -102,3 +102,65 @@ def test_on_a_real_agent_the_request_is_plain_http_without_gzip():
     response = []
     answered.addCallback(response.append)
     assert response[0].code == 200
+
+
+def uri(text: bytes):
+    from twisted.web.client import URI
+
+    return URI.fromBytes(text)
+
+
+class RecordingPolicy:
+    def __init__(self) -> None:
+        self.netlocs: list = []
+
+    def creatorForNetloc(self, hostname, port):
+        self.netlocs.append((hostname, port))
+        return object()
+
+
+def test_an_ip_literal_bridge_connects_without_the_resolver_on_one_kept_endpoint():
+    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+
+    from lmarena_gateway.bridge_client import BridgeEndpoints
+
+    reactor = MemoryReactorClock()
+    endpoints = BridgeEndpoints(reactor, connect_timeout=3.0, tls_policy=RecordingPolicy())
+    first = endpoints.endpointForURI(uri(b"http://127.0.0.1:5102/v1/models"))
+    assert isinstance(first, TCP4ClientEndpoint)
+    assert endpoints.endpointForURI(uri(b"http://127.0.0.1:5102/v1/chat/completions")) is first
+    assert isinstance(endpoints.endpointForURI(uri(b"http://[::1]:5102/")), TCP6ClientEndpoint)
+    first.connect(HTTPConnectionPool(reactor)._factory(lambda: None, "key"))
+    [(host, port, _, timeout, _)] = reactor.tcpClients  # at once: nothing was resolved
+    assert (host, port, timeout) == ("127.0.0.1", 5102, 3.0)
+
+
+def test_names_and_https_get_what_agent_would_give_them():
+    from twisted.internet.endpoints import HostnameEndpoint
+    from twisted.web.error import SchemeNotSupported
+
+    from lmarena_gateway.bridge_client import BridgeEndpoints
+
+    policy = RecordingPolicy()
+    endpoints = BridgeEndpoints(MemoryReactorClock(), connect_timeout=None, tls_policy=policy)
+    assert isinstance(endpoints.endpointForURI(uri(b"http://localhost:5102/")), HostnameEndpoint)
+    tls = endpoints.endpointForURI(uri(b"https://bridge.example/"))
+    assert not isinstance(tls, HostnameEndpoint)  # wrapped in TLS
+    assert endpoints.endpointForURI(uri(b"https://bridge.example/x")) is tls
+    assert policy.netlocs == [(b"bridge.example", 443)]
+    try:
+        endpoints.endpointForURI(uri(b"ftp://127.0.0.1/"))
+    except SchemeNotSupported:
+        pass
+    else:
+        raise AssertionError("ftp was accepted")
+
+
+def test_kept_endpoints_are_bounded():
+    from lmarena_gateway.bridge_client import BridgeEndpoints
+
+    endpoints = BridgeEndpoints(MemoryReactorClock(), connect_timeout=1.0,
+                                tls_policy=RecordingPolicy(), limit=3)
+    for port in range(1, 11):
+        endpoints.endpointForURI(uri(b"http://127.0.0.1:%d/" % port))
+    assert len(endpoints._known) <= 3
