@@ -19,6 +19,28 @@ from .tokens import FileSecrets, RedisSecrets, RegistrationTokens
 
 log = Logger()
 DAY = 86400.0
+OPEN_FILES_CEILING = 1 << 20  # Linux's default fs.nr_open, for an unlimited hard limit
+
+
+def raise_open_files_limit(rlimit=None) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: each stream holds two sockets.
+
+    Soft limits are often 1024 while the hard one allows far more; an unprivileged
+    process may raise its own soft limit that far. Returns (before, after).
+    """
+    if rlimit is None:
+        import resource as rlimit
+    soft, hard = rlimit.getrlimit(rlimit.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_CEILING if hard == rlimit.RLIM_INFINITY else hard
+    if soft != rlimit.RLIM_INFINITY and soft < wanted:
+        try:
+            rlimit.setrlimit(rlimit.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as e:
+            log.warn("could not raise the open-files limit from {soft} to {wanted}: {why}",
+                     soft=soft, wanted=wanted, why=e)
+            return soft, soft
+        return soft, wanted
+    return soft, soft
 
 
 class Pruner:

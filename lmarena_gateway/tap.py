@@ -63,6 +63,12 @@ class Options(GatewayOptions):
 def makeService(options: GatewayOptions, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    from .service import make_service
+    from .service import make_service, raise_open_files_limit
 
+    before, after = raise_open_files_limit()
+    if after != before:
+        from twisted.logger import Logger
+
+        Logger().info("open-files limit raised from {before} to {after} (two per stream)",
+                      before=before, after=after)
     return make_service(options.config, reactor)

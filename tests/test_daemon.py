@@ -402,6 +402,13 @@ def test_service_unit_has_its_user_state_environment_and_hardening():
         assert one[key] == value, key
 
 
+@pytest.mark.parametrize("unit", ["lmgateway.service", "lmgateway@.service"])
+def test_units_allow_ten_thousand_streams_of_two_descriptors(unit):
+    service = unit_directives(ROOT / "systemd" / unit)["Service"]
+    assert len(service["LimitNOFILE"]) == 1
+    assert int(service["LimitNOFILE"][0]) >= 2 * 10_000 + 1000
+
+
 def test_socket_unit_matches_the_endpoint_the_docs_give():
     socket_unit = unit_directives(ROOT / "systemd" / "lmgateway.socket")["Socket"]
     (name,) = socket_unit["FileDescriptorName"]
