@@ -76,7 +76,12 @@ def cmd_export(store: SessionFile, args, config, out) -> int:
 
 def import_records(data, domains, now: float, bridge_allow: tuple[str, ...] = ("loopback",)
                    ) -> tuple[list[SessionRecord], list[str]]:
-    """Validate a PHP-gateway sessions.json as the API would; keep its timestamps."""
+    """Validate a PHP-gateway sessions.json as the API would; keep its timestamps.
+
+    Each record is marked used at ``now``: its own times may be months old, and the
+    daemon prunes at startup, so an import that kept only them would be undone by the
+    first start. created_at and updated_at stay as they were.
+    """
     if not isinstance(data, dict) or not isinstance(data.get("domains"), dict):
         raise ValueError('not a sessions file: expected {"domains": {...}}')
     accepted, skipped = [], []
@@ -99,8 +104,9 @@ def import_records(data, domains, now: float, bridge_allow: tuple[str, ...] = ("
                 created = parse_time(fields.get("created_at") or now)
                 updated = parse_time(fields.get("updated_at") or created)
                 used = fields.get("last_used_at")
+                used = max(parse_time(used), now) if used else now
                 record = evolve(registration.record(updated, None), created_at=created,
-                                last_used_at=parse_time(used) if used else None)
+                                last_used_at=used)
             except ApiError as e:
                 skipped.append(f"{where}: {e.code}: {e.message}")
                 continue

@@ -204,10 +204,12 @@ def prepare_daemon(config: "GatewayConfig") -> None:
         where = config.sources.get("api_keys_file") or config.sources.get("api_keys", "GATEWAY_API_KEYS")
         raise ConfigError(f"{where}: {e}") from None
     source = config.sources.get
-    checks = [(source("secret_file", "--secret-file"), config.registration_secret_file)]
+    checks = []
     storage = source("storage", "--storage")
     if "://" not in config.storage:
-        checks.insert(0, (storage, config.storage))
+        # With Redis the secret lives in Redis: no file, no directory to demand.
+        checks = [(storage, config.storage),
+                  (source("secret_file", "--secret-file"), config.registration_secret_file)]
     for option, path in checks:
         try:
             _writable_directory_for(path)
@@ -377,6 +379,12 @@ SETTINGS = (
     Setting("trust_proxy_headers", "trust-proxy-headers", "GATEWAY_TRUST_PROXY_HEADERS",
             parse_bool, "Honour X-Forwarded-Proto/-Host from a reverse proxy", flag=True),
 )
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """GATEWAY_* variables no setting reads: a typo here silently changes nothing."""
+    known = {setting.env for setting in SETTINGS}
+    return sorted(name for name in environ if name.startswith("GATEWAY_") and name not in known)
 
 
 def build_config(options: Mapping[str, object], environ: Mapping[str, str],

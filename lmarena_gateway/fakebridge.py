@@ -180,8 +180,16 @@ def main(listen: str, chunks: int, delay_ms: float, api_key: str | None) -> int:
     from twisted.internet.endpoints import serverFromString
 
     def run(reactor):
+        from twisted.internet.error import CannotListenError
+
         bridge = FakeBridge(reactor, chunks=chunks, delay=delay_ms / 1000.0, api_key=api_key)
-        port = yield serverFromString(reactor, listen).listen(Site(bridge.app.resource()))
+        try:
+            port = yield serverFromString(reactor, listen).listen(Site(bridge.app.resource()))
+        except CannotListenError as e:
+            why = getattr(e.socketError, "strerror", None) or e.socketError
+            # react() exits with a SystemExit's message: one line, status 1
+            raise SystemExit(f"lmgateway fake-bridge: cannot listen on "
+                             f"{e.interface or '*'}:{e.port}: {why}") from None
         address = port.getHost()
         print(f"fake bridge listening on http://{address.host}:{address.port}", flush=True)
         yield Deferred()  # until interrupted

@@ -50,25 +50,70 @@ class GatewayOptions(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
+HELP_HINT = "run 'twistd lmgateway --help' for the options"
+
+
 class Options(GatewayOptions):
     """What twistd uses: a bad value is one line on stderr and exit 1, not the whole help."""
+
+    def parseOptions(self, options=None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            # twistd would print its 67 lines of usage first: the error, then the hint.
+            sys.exit(f"lmgateway: {e}\n{HELP_HINT}")
 
     def postOptions(self) -> None:
         try:
             super().postOptions()
         except usage.UsageError as e:
             sys.exit(f"lmgateway: {e}")
+        busy = busy_port(self.config.listen)
+        if busy:
+            sys.exit(f"lmgateway: --listen: {busy}")
+
+
+def busy_port(endpoints) -> str | None:
+    """Whether a TCP endpoint's port is taken, found before twistd daemonizes.
+
+    A daemonizing twistd waits for its child's word on a pipe it also holds open itself,
+    so a child that cannot listen leaves the terminal hanging; asking first gives the
+    one-line error in both modes. The real listen stays the authority.
+    """
+    import socket
+
+    from twisted.internet.endpoints import serverFromString
+
+    for description in endpoints:
+        endpoint = serverFromString(None, description)
+        port = getattr(endpoint, "_port", None)
+        interface = getattr(endpoint, "_interface", None)
+        if type(endpoint).__name__ not in ("TCP4ServerEndpoint", "TCP6ServerEndpoint") \
+                or not port:
+            continue
+        family = socket.AF_INET6 if ":" in (interface or "") else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted does
+            try:
+                probe.bind((interface or "", port))
+            except OSError as e:
+                return f"cannot listen on {interface or '*'}:{port}: {e.strerror}"
+    return None
 
 
 def makeService(options: GatewayOptions, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    from twisted.logger import Logger
+
+    from .config import unknown_variables
     from .service import make_service, raise_open_files_limit
 
     before, after = raise_open_files_limit()
     if after != before:
-        from twisted.logger import Logger
-
         Logger().info("open-files limit raised from {before} to {after} (two per stream)",
                       before=before, after=after)
+    for name in unknown_variables(options.environ):
+        Logger().warn("unknown variable {name} ignored: no setting reads it (a typo?)",
+                      name=name)
     return make_service(options.config, reactor)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from attrs import evolve
 
 from conftest import bin_path
 from lmarena_gateway.cli import main
@@ -51,6 +52,8 @@ def test_import_of_a_php_file(storage):
     assert alpha.models == {"gpt-4": "claude-3-5-sonnet-20241022"}
     assert iso(alpha.created_at) == "2024-01-15T10:30:00Z"
     assert iso(alpha.updated_at) == "2024-02-01T08:00:00Z"
+    # marked used by the import, so the daemon's first pruning pass keeps it
+    assert abs(alpha.last_used_at - time.time()) < 5
     assert records["lmarena.ai/team-b"].models == {}
     assert records["canary.lmarena.ai/team-alpha"].bridge_base_url is None
 
@@ -60,7 +63,9 @@ def test_import_is_idempotent(storage):
     first = SessionFile(storage).load()[0]
     code, output = run("import", str(PHP_FILE), "--storage", storage)
     assert "imported 3, skipped 4" in output
-    assert SessionFile(storage).load()[0] == first
+    again = SessionFile(storage).load()[0]
+    assert {k: evolve(r, last_used_at=None) for k, r in again.items()} == \
+        {k: evolve(r, last_used_at=None) for k, r in first.items()}
 
 
 def test_clean_import_exits_0(storage, tmp_path):
@@ -85,7 +90,11 @@ def test_export_import_round_trip(storage, tmp_path):
     dump.write_text(exported)
     other = str(tmp_path / "other.sqlite3")
     assert run("import", str(dump), "--storage", other) == (0, "imported 3, skipped 0\n")
-    assert SessionFile(other).load()[0] == SessionFile(storage).load()[0]
+    moved, kept = SessionFile(other).load()[0], SessionFile(storage).load()[0]
+    assert moved.keys() == kept.keys()
+    for key in kept:  # the same but for the import's own use mark, never earlier
+        assert evolve(moved[key], last_used_at=None) == evolve(kept[key], last_used_at=None)
+        assert moved[key].last_used_at >= kept[key].last_used_at
 
 
 def test_stats(storage):

@@ -78,7 +78,9 @@ def test_an_instance_listens_on_its_port_and_shares_redis_and_the_secret(tmp_pat
     config = build_config({}, expanded)
     assert config.listen == ("tcp:8081:interface=127.0.0.1",)
     assert config.storage == "redis://127.0.0.1:6379/0"
-    assert environment["GATEWAY_SECRET_FILE"].startswith("/var/lib/lmgateway/")
+    # the secret lives in Redis: the unit names no file for it, and says so
+    assert "GATEWAY_SECRET_FILE" not in environment
+    assert "secret lives in Redis" in TEMPLATE.read_text()
     assert directives(TEMPLATE)["Service"]["StateDirectory"] == ["lmgateway"]
 
 
