@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_binary
+from support.processes import require_binary
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from attrs import evolve
 
-from conftest import bin_path
 from lmarena_gateway.cli import main
 from lmarena_gateway.sessions import SessionRecord, iso
 from lmarena_gateway.store import SessionFile
+
+from support.processes import bin_path
 
 PHP_FILE = Path(__file__).parent / "data" / "php-sessions.json"
 
@@ -40,7 +41,8 @@ def test_import_of_a_php_file(storage):
     code, output = run("import", str(PHP_FILE), "--storage", storage)
     assert code == 1  # something was skipped
     assert "imported 3, skipped 4" in output
-    for reason in ("lmarena.ai/bad name!: INVALID_SESSION_NAME", "lmarena.ai/injector: INVALID_BRIDGE_API_KEY",
+    for reason in ("lmarena.ai/bad name!: INVALID_SESSION_NAME",
+                   "lmarena.ai/injector: INVALID_BRIDGE_API_KEY",
                    "canary.lmarena.ai/not-a-uuid: INVALID_UUID", "evil.example.com/x: INVALID_DOMAIN"):
         assert f"skipped {reason}" in output
     records, _ = SessionFile(storage).load()
@@ -132,7 +134,8 @@ def test_cleanup_defaults_to_the_configured_days(storage):
     put(storage, "b", 20)
     code, output = run("cleanup", "--storage", storage)  # default 30 days
     assert "removed 1 sessions" in output
-    code, output = run("cleanup", "--storage", storage, environ={"GATEWAY_SESSION_CLEANUP_DAYS": "7", **ALLOW})
+    code, output = run("cleanup", "--storage", storage,
+                       environ={"GATEWAY_SESSION_CLEANUP_DAYS": "7", **ALLOW})
     assert "removed 1 sessions" in output
     assert not SessionFile(storage).load()[0]
 

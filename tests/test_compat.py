@@ -9,7 +9,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import globalLogPublisher
 
 from bridges import ErrorBridge
-from conftest import SESSION, call, free_port
+from support.client import SESSION, call
+from support.processes import free_port
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 HEADERS = {"X-Session-Name": "team-alpha", "X-Target-Domain": "lmarena.ai"}

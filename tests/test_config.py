@@ -5,8 +5,7 @@ import os
 import pytest
 from twisted.python import usage
 
-from lmarena_gateway.config import (DEFAULT_DOMAINS, ConfigError, GatewayConfig, build_config,
-                                    prepare_daemon)
+from lmarena_gateway.config import DEFAULT_DOMAINS, ConfigError, GatewayConfig, build_config, prepare_daemon
 from lmarena_gateway.tap import GatewayOptions
 
 
@@ -179,7 +178,8 @@ def test_only_the_named_settings_are_read(tmp_path):
     assert config.storage == "x.db" and config.listen == GatewayConfig().listen
 
 
-@pytest.mark.parametrize("keys, problem", [("short", "not a key"), ("sk-long-enough bad!name", "not session name")])
+@pytest.mark.parametrize("keys, problem", [("short", "not a key"),
+                                           ("sk-long-enough bad!name", "not session name")])
 def test_bad_client_keys_stop_startup(tmp_path, keys, problem):
     path = tmp_path / "keys"
     path.write_text("# a comment\n" + keys + "\n")

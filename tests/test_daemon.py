@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import bin_path, free_port, http, wait_for
 from lmarena_gateway import __version__
 from lmarena_gateway.config import SETTINGS
+
+from support.processes import bin_path, free_port, http, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTING_VARIABLES = {s.env for s in SETTINGS}
@@ -438,7 +439,7 @@ def test_env_example_names_real_settings_with_their_defaults(tmp_path):
 
 
 def test_units_pass_systemd_analyze_verify(tmp_path):
-    from conftest import require_binary
+    from support.processes import require_binary
 
     analyze = require_binary("systemd-analyze")
     for name in ("lmgateway.service", "lmgateway.socket"):

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import SESSION, Daemon, bin_path, free_port, http, wait_for
+from support.client import SESSION
+from support.processes import Daemon, bin_path, free_port, http, wait_for
 
 ADMIN = "fuzz-admin-token-0123456789"
 CLIENT_KEY = "fuzz-client-key-abcdef"
@@ -71,7 +72,8 @@ def send(daemon, method, path, body=None, headers=()):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (st.lists(children, max_size=4)
+                      | st.dictionaries(st.text(max_size=10), children, max_size=4)),
     max_leaves=8)
 uuids = st.uuids().map(str) | st.text(max_size=40)
 register_bodies = st.fixed_dictionaries({}, optional={
@@ -140,10 +142,14 @@ def test_delete(target, path, extra):
     check(status, answer, secrets)
 
 
+CHAT_BODIES = st.fixed_dictionaries({
+    "model": st.sampled_from(["alias", "m"]) | json_values,
+    "messages": json_values | st.just([{"role": "user", "content": "hi"}]),
+    "stream": json_values})
+
+
 @SETTINGS
-@given(body=json_values | st.fixed_dictionaries({"model": st.sampled_from(["alias", "m"]) | json_values,
-                                                  "messages": json_values | st.just([{"role": "user", "content": "hi"}]),
-                                                  "stream": json_values}),
+@given(body=json_values | CHAT_BODIES,
        extra=headers)
 def test_chat(target, body, extra):
     daemon, secrets = target

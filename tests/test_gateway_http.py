@@ -6,7 +6,8 @@ import pytest_twisted
 from twisted.logger import globalLogPublisher
 
 from lmarena_gateway import __version__
-from conftest import call
+
+from support.client import call
 
 
 @pytest_twisted.ensureDeferred
@@ -61,7 +62,7 @@ async def test_preflight(gateway_factory):
 
 @pytest_twisted.ensureDeferred
 async def test_cors_headers_on_normal_errors_and_streams(gateway_factory, reactor):
-    from conftest import SESSION
+    from support.client import SESSION
 
     gw = await gateway_factory(cors_origins=("https://app.example",))
     origin = {"Origin": "https://app.example"}
@@ -80,7 +81,7 @@ async def test_cors_headers_on_normal_errors_and_streams(gateway_factory, reacto
 
 @pytest_twisted.ensureDeferred
 async def test_request_log_line(gateway_factory):
-    from conftest import SESSION
+    from support.client import SESSION
 
     events = []
     globalLogPublisher.addObserver(events.append)

@@ -10,10 +10,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 
-from bridges import ChunkCollector, HeldBridge, event
-from conftest import SESSION, call, free_port
 from lmarena_gateway.metrics import Metrics
 from lmarena_gateway.service import Pruner
+
+from bridges import ChunkCollector, HeldBridge, event
+from support.client import SESSION, call
+from support.processes import free_port
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 HEADERS = {"X-Session-Name": "team-alpha", "X-Target-Domain": "lmarena.ai"}

@@ -8,9 +8,11 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from bridges import ErrorBridge, HeldBridge, event
-from conftest import SESSION, call, free_port
 from lmarena_gateway.fakebridge import TEXT
+
+from bridges import ErrorBridge, HeldBridge, event
+from support.client import SESSION, call
+from support.processes import free_port
 
 MESSAGES = [{"role": "user", "content": "Hello!"}]
 

@@ -10,9 +10,11 @@ from twisted.internet.defer import CancelledError, gatherResults
 from twisted.internet.task import Clock, deferLater
 from twisted.web.client import ResponseNeverReceived
 
-from bridges import ChunkCollector, ErrorBridge, HeldBridge, event
-from conftest import SESSION, call, free_port
 from lmarena_gateway.fakebridge import FakeBridge
+
+from bridges import ChunkCollector, ErrorBridge, HeldBridge, event
+from support.client import SESSION, call
+from support.processes import free_port
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 HEADERS = {"X-Session-Name": "team-alpha", "X-Target-Domain": "lmarena.ai"}
@@ -136,8 +138,8 @@ async def test_keepalives_and_idle_timeout_on_a_clock(listen, tmp_path, reactor)
     from lmarena_gateway.config import GatewayConfig
     from lmarena_gateway.gateway import Gateway, make_site
     from lmarena_gateway.proxy import make_http_client
-    from lmarena_gateway.store import DBMSessionStore
     from lmarena_gateway.sessions import validate_registration
+    from lmarena_gateway.store import DBMSessionStore
 
     bridge = HeldBridge()
     config = evolve(GatewayConfig(), bridge_url=await listen(bridge), keepalive=15,

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import openai
 
-from conftest import SESSION, bin_path, free_port, http, wait_for
 from lmarena_gateway.fakebridge import TEXT
-from test_redis_store import redis_server  # noqa: F401 (a fixture, used by name)
+
+from support.client import SESSION
+from support.processes import bin_path, free_port, http, wait_for
 
 PHP_FILE = Path(__file__).parent / "data" / "php-sessions.json"
 
@@ -27,7 +28,7 @@ def start_pair(tmp_path, daemon_factory, redis_url: str, bridge_url: str, count:
     daemons = [daemon_factory("--storage", redis_url, "--bridge-url", bridge_url)
                for _ in range(count)]
     for daemon in daemons:
-        wait_for(lambda: store_status(daemon) == "ok", 10, what="the store to connect")
+        wait_for(lambda daemon=daemon: store_status(daemon) == "ok", 10, what="the store to connect")
     return daemons
 
 
@@ -100,10 +101,10 @@ def test_registered_on_one_instance_streamed_through_the_other(
     waits = []
     for i in range(10):
         assert register(a, f"gone{i}")[0] == 200
-        wait_for(lambda: f"gone{i}" in names(b), 1.0, 0.002, "the registration on B")
+        wait_for(lambda i=i: f"gone{i}" in names(b), 1.0, 0.002, "the registration on B")
         assert http("DELETE", f"{b.url}/session/lmarena.ai/gone{i}")[0] == 200
         started = time.monotonic()
-        wait_for(lambda: f"gone{i}" not in names(a), 1.0, 0.002, "the deletion on A")
+        wait_for(lambda i=i: f"gone{i}" not in names(a), 1.0, 0.002, "the deletion on A")
         waits.append(time.monotonic() - started)
     print(f"\ndelete through B -> gone from A's list: max {max(waits) * 1000:.1f} ms")
     status, _, body = http("POST", a.url + "/v1/chat/completions",
@@ -148,7 +149,7 @@ def test_redis_restarted_loses_nothing_acknowledged_and_never_says_ok_while_down
     assert acknowledged <= in_redis, f"lost: {sorted(acknowledged - in_redis)}"
     assert "during-outage" not in in_redis
     for daemon in (a, b):
-        wait_for(lambda: acknowledged <= names(daemon), 1.0, what="every instance to list them")
+        wait_for(lambda daemon=daemon: acknowledged <= names(daemon), 1.0, what="every instance to list them")
     # changes flow between the instances again
     assert http("DELETE", f"{a.url}/session/lmarena.ai/known")[0] == 200
     wait_for(lambda: "known" not in names(b), 1.0, what="B to see the delete after the restart")
@@ -251,7 +252,8 @@ def test_registration_tokens_work_on_every_instance_and_revoke_everywhere(
             for i in range(2))
     auth = {"Authorization": "Bearer cluster-admin-token-0123"}
     for daemon in (a, b):  # each has read the secret once Redis answered
-        wait_for(lambda: http("GET", daemon.url + "/userscript/team-r.user.js", headers=auth)[0] == 200,
+        wait_for(lambda daemon=daemon: http("GET", daemon.url + "/userscript/team-r.user.js",
+                                            headers=auth)[0] == 200,
                  10, what="the secret from Redis")
     _, _, script = http("GET", a.url + "/userscript/team-r.user.js", headers=auth)
     token = script.decode().split('var REGISTRATION_TOKEN = "', 1)[1].split('"', 1)[0]
@@ -264,5 +266,5 @@ def test_registration_tokens_work_on_every_instance_and_revoke_everywhere(
     revoked = lmgateway("revoke", "team-r", "--storage", redis_server.url)
     assert revoked.returncode == 0, revoked.stderr
     for daemon in (a, b):
-        wait_for(lambda: http("POST", daemon.url + "/session/register", body)[0] == 403, 5,
+        wait_for(lambda daemon=daemon: http("POST", daemon.url + "/session/register", body)[0] == 403, 5,
                  what="the revocation to reach every instance")

@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SESSION, bin_path, free_port, http as call, require_binary, wait_for
 from lmarena_gateway.config import SETTINGS, build_config
 from lmarena_gateway.fakebridge import TEXT
-from test_redis_store import redis_server  # noqa: F401 (a fixture, used by name)
+
+from support.client import SESSION
+from support.processes import bin_path, free_port, require_binary, wait_for
+from support.processes import http as call
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "systemd" / "lmgateway@.service"
@@ -92,7 +94,7 @@ def render_nginx(tmp_path: Path, listen: int, instances: list[int]) -> Path:
     text = NGINX.read_text()
     servers = re.findall(r"server 127\.0\.0\.1:(\d+) ", text)
     assert servers == ["8081", "8082"]  # the template's example instances
-    for port, instance in zip(servers, instances):
+    for port, instance in zip(servers, instances, strict=True):
         text = text.replace(f"127.0.0.1:{port} ", f"127.0.0.1:{instance} ")
     text = text.replace("listen 80;", f"listen 127.0.0.1:{listen};")
     (tmp_path / "lmgateway.conf").write_text(text)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -19,99 +17,18 @@ import pytest_twisted
 from attrs import evolve
 from twisted.internet.task import deferLater
 
-from conftest import SESSION, free_port, require_binary, wait_for
 from lmarena_gateway.config import ConfigError, build_config
 from lmarena_gateway.errors import ApiError
 from lmarena_gateway.redis_sessions import connect, encode, parse_address
 from lmarena_gateway.redis_store import RedisSessionStore
 from lmarena_gateway.sessions import validate_registration
 
+from support.client import SESSION
+from support.processes import free_port
+from support.redis import RedisServer
+
 DOMAINS = ("lmarena.ai", "canary.lmarena.ai")
 LATENCIES: dict[str, list[float]] = {}  # measurements, printed at the end of the module
-
-
-# --- a redis-server of our own, and a tiny blocking client for looking inside it ---
-
-
-def resp(port: int, *args, timeout: float = 5.0):
-    """One Redis command over a fresh socket; the reply as Python values.
-
-    Blocking, even when called from the reactor in a test: the server is another
-    process answering on loopback, so nothing here waits on the reactor.
-    """
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        payload = [f"*{len(args)}\r\n".encode()]
-        for arg in args:
-            data = str(arg).encode()
-            payload.append(b"$%d\r\n%s\r\n" % (len(data), data))
-        sock.sendall(b"".join(payload))
-        return _reply(sock.makefile("rb"))
-
-
-def _reply(stream):
-    line = stream.readline()
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        raise RuntimeError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        size = int(rest)
-        return None if size < 0 else stream.read(size + 2)[:-2].decode()
-    if kind == b"*":
-        size = int(rest)
-        return None if size < 0 else [_reply(stream) for _ in range(size)]
-    raise RuntimeError(f"unexpected reply {line!r}")
-
-
-class RedisServer:
-    """redis-server on a free loopback port, durable as the README asks: AOF, fsync always."""
-
-    def __init__(self, directory: Path, extra=()) -> None:
-        self.binary = require_binary("redis-server")
-        self.port = free_port()
-        self.dir = directory / f"redis-{self.port}"
-        self.dir.mkdir()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.extra = list(extra)
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> RedisServer:
-        log = open(self.dir / "redis.log", "ab")
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-             "--dir", str(self.dir), "--daemonize", "no", *self.extra],
-            stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        wait_for(self.answers, 10, what="redis-server to answer PING")
-        return self
-
-    def answers(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"redis-server exited: {(self.dir / 'redis.log').read_text()}")
-        try:
-            return resp(self.port, "PING", timeout=1) == "PONG"
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown save, so only what was fsynced survives."""
-        self.process.kill()
-        self.process.wait(10)
-
-    def __call__(self, *args):
-        return resp(self.port, *args)
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path).start()
-    yield server
-    if server.process.poll() is None:
-        server.kill()
 
 
 async def until(predicate, timeout: float = 5.0, what: str = "condition"):
@@ -258,12 +175,12 @@ async def test_changes_reach_every_instance_within_a_second(stores):
         started = time.monotonic()
         await a.register(registration(name), 1000.0)
         acknowledged = time.monotonic()
-        await until(lambda: b.get("lmarena.ai", name) is not None, 1.0, "the registration on B")
+        await until(lambda name=name: b.get("lmarena.ai", name) is not None, 1.0, "the registration on B")
         seen.append(time.monotonic() - started)
         after_ack.append(time.monotonic() - acknowledged)
         started = time.monotonic()
         assert await b.delete("lmarena.ai", name) is True
-        await until(lambda: a.get("lmarena.ai", name) is None, 1.0, "the deletion on A")
+        await until(lambda name=name: a.get("lmarena.ai", name) is None, 1.0, "the deletion on A")
         deleted.append(time.monotonic() - started)
     LATENCIES["register sent to A -> visible on B"] = seen
     LATENCIES["register acknowledged by A -> visible on B"] = after_ack
@@ -303,7 +220,7 @@ async def test_every_instance_may_prune_at_once_and_each_session_goes_once(store
     assert sorted(redis_server("HKEYS", "lmgw:sessions")) == ["lmarena.ai/fresh", "lmarena.ai/used"]
     assert redis_server("ZCARD", "lmgw:activity") == 2
     for store in (a, b):
-        await until(lambda: len(store.records()) == 2, 1.0, "pruned sessions gone everywhere")
+        await until(lambda store=store: len(store.records()) == 2, 1.0, "pruned sessions gone everywhere")
 
 
 @pytest_twisted.ensureDeferred

@@ -13,11 +13,12 @@ import treq
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 
-from bridges import ChunkCollector, HeldBridge, event
-from conftest import SESSION, call
 from lmarena_gateway.errors import ApiError
 from lmarena_gateway.fakebridge import TEXT
 from lmarena_gateway.responses import Translator, chat_request
+
+from bridges import ChunkCollector, HeldBridge, event
+from support.client import SESSION, call
 
 HEADERS = {"X-Session-Name": "team-alpha", "X-Target-Domain": "lmarena.ai"}
 

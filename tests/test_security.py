@@ -15,7 +15,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 
-from conftest import SESSION, bin_path, call, http, wait_for
+from support.client import SESSION, call
+from support.processes import bin_path, http, wait_for
 
 ADMIN = "admin-token-0123456789abcdef"
 AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}

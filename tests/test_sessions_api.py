@@ -5,7 +5,7 @@ import json
 import pytest
 import pytest_twisted
 
-from conftest import SESSION, call
+from support.client import SESSION, call
 
 SID = SESSION["session_id"]
 MID = SESSION["message_id"]
@@ -141,7 +141,8 @@ async def test_delete(gateway_factory):
     gw = await gateway_factory()
     await register(gw, SESSION)
     status, _, body = await call("DELETE", gw.url + "/session/lmarena.ai/team-alpha")
-    assert (status, body) == (200, {"status": "deleted", "domain": "lmarena.ai", "session_name": "team-alpha"})
+    assert (status, body) == (200, {"status": "deleted", "domain": "lmarena.ai",
+                                    "session_name": "team-alpha"})
     assert gw.store.get("lmarena.ai", "team-alpha") is None
     status, _, body = await call("DELETE", gw.url + "/session/lmarena.ai/team-alpha")
     assert status == 404 and body["error"]["code"] == "SESSION_NOT_FOUND"
@@ -174,10 +175,10 @@ async def test_delete_validates_after_decoding(gateway_factory, path, code):
 @pytest_twisted.ensureDeferred
 async def test_concurrent_registrations_all_stored(gateway_factory):
     """500 registrations over 50 concurrent connections: all acknowledged, all stored, none mixed up."""
-    from twisted.internet.defer import DeferredSemaphore, gatherResults
     import treq
-    from twisted.web.client import HTTPConnectionPool
     from twisted.internet import reactor
+    from twisted.internet.defer import DeferredSemaphore, gatherResults
+    from twisted.web.client import HTTPConnectionPool
 
     gw = await gateway_factory()
     pool = HTTPConnectionPool(reactor)

@@ -12,11 +12,13 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
-from conftest import SESSION, bin_path, http, wait_for
 from lmarena_gateway import sqlitedbm
 from lmarena_gateway.service import DAY, Pruner
 from lmarena_gateway.sessions import validate_registration
 from lmarena_gateway.store import DBMSessionStore, SessionFile
+
+from support.client import SESSION
+from support.processes import bin_path, http, wait_for
 
 DOMAINS = ("lmarena.ai", "canary.lmarena.ai")
 

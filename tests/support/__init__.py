@@ -1,0 +1,1 @@
+"""Helpers the tests share: modules, not fixtures (those live in conftest.py)."""
