@@ -196,7 +196,7 @@ def summarize(response: Response, sent_at: float, finished_at: float, expected: 
         return f"incomplete: {len(response.events)} of {expected} events"
     events = response.events
     return {"ttfb": events[0] - sent_at, "total": finished_at - sent_at,
-            "gaps": [b - a for a, b in zip(events, events[1:])], "bytes": response.body_bytes}
+            "gaps": [b - a for a, b in zip(events, events[1:], strict=False)], "bytes": response.body_bytes}
 
 
 def percentile(values: list[float], q: float) -> float | None:

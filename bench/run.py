@@ -157,7 +157,8 @@ def summary_rows(settings: Settings) -> list[tuple[str, str, str, dict]]:
 
 
 def table(meds: dict, settings: Settings, spec=None) -> str:
-    header = f"{'workload':<38}{'direct':>9}{'nginx':>9}{'gateway':>9}{'ngx/dir':>9}{'gw/dir':>9}{'gw/ngx':>9}"
+    header = (f"{'workload':<38}{'direct':>9}{'nginx':>9}{'gateway':>9}"
+              f"{'ngx/dir':>9}{'gw/dir':>9}{'gw/ngx':>9}")
     lines = [header, "-" * len(header)]
     for case, key, label, override in rows(settings) if spec is None else spec:
         if case not in meds:
@@ -169,7 +170,8 @@ def table(meds: dict, settings: Settings, spec=None) -> str:
         if all(v is None for v in values):
             continue
         direct, nginx, gateway = values
-        ratio = lambda a, b: None if a is None or not b or key.startswith("added") else a / b  # noqa: E731
+        ratio = lambda a, b, key=key: (  # noqa: E731
+            None if a is None or not b or key.startswith("added") else a / b)
         cells = [fmt(v) for v in values] + [fmt(ratio(nginx, direct)), fmt(ratio(gateway, direct)),
                                             fmt(ratio(gateway, nginx))]
         lines.append(f"{label:<38}" + "".join(f"{c:>9}" for c in cells))
@@ -193,7 +195,7 @@ def targets(meds: dict, settings: Settings) -> list[tuple[str, str, bool]]:
         checks.append(("stream c=200 TTFB p50 within 1.5x direct", f"{gw / direct:.2f}x",
                        gw / direct <= 1.5))
     added = [get(f"stream c={c}", "gateway", "added_gap_p99_ms") for c in settings.concurrency]
-    for c, value in zip(settings.concurrency, added):
+    for c, value in zip(settings.concurrency, added, strict=True):
         if value is not None:
             checks.append((f"stream c={c} added delay per chunk p99 < 1 ms", f"{value:.2f} ms",
                            value < 1.0))

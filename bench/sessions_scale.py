@@ -98,7 +98,7 @@ def measure(reactor, directory: str, sessions: int, calls: int):
 
     def beat() -> None:
         moment = (time.perf_counter(), time.thread_time(), time.process_time())
-        gaps.append(tuple(now - before for now, before in zip(moment, last)))
+        gaps.append(tuple(now - before for now, before in zip(moment, last, strict=True)))
         last[:] = moment
 
     heartbeat = LoopingCall(beat)

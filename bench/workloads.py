@@ -11,7 +11,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -81,7 +80,7 @@ def loadgen(target: Target, mode: str, *, events: int, extra: list[str],
 def w1_request_rate(targets: dict[str, Target], settings, workdir: Path, log) -> dict:
     """GET /v1/models and non-streaming chat under wrk at each concurrency."""
     watch = {name: t.pid for name, t in targets.items()}
-    for name, target in targets.items():  # warm up: pools, caches, allocator
+    for target in targets.values():  # warm up: pools, caches, allocator
         for script in ("models", "chat"):
             wrk(target, script, 50, 1, workdir, {})
     results: dict = {}
@@ -129,9 +128,9 @@ def w2_streaming(targets: dict[str, Target], settings, log, *,
                     f"{run['failed']} failed, ttfb p50 {run['ttfb_p50_ms']:.1f} ms, "
                     f"gap p99 {run['gap_p99_ms']:.2f} ms, client CPU "
                     f"{run['client_cpu_percent']:.0f}%")
-    for case, by_path in results.items():  # the added delay per chunk, against direct
-        for name, runs in by_path.items():
-            for run, direct in zip(runs, by_path["direct"]):
+    for by_path in results.values():  # the added delay per chunk, against direct
+        for runs in by_path.values():
+            for run, direct in zip(runs, by_path["direct"], strict=True):
                 run["added_gap_p50_ms"] = run["gap_p50_ms"] - direct["gap_p50_ms"]
                 run["added_gap_p99_ms"] = run["gap_p99_ms"] - direct["gap_p99_ms"]
     return results

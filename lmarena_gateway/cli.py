@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 from attrs import evolve
 
@@ -243,6 +244,7 @@ def main(argv=None, environ=None, out=None) -> int:
                                "bridge-allow": args.bridge_allow}, environ, CLI_SETTINGS)
     except ConfigError as e:
         raise SystemExit(f"lmgateway: {e}") from None
+    store: Any
     if config.storage.startswith(("redis://", "rediss://", "unix://")):
         # The same commands over Redis: RedisSessionFile has SessionFile's methods.
         from .redis_sessions import RedisSessionFile

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from attrs import field, frozen
@@ -21,7 +21,8 @@ DEFAULT_DOMAINS = (
     "arena.ai",
 )
 DEFAULT_STORAGE = os.path.join("storage", "sessions.sqlite3")
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN = re.compile(rf"^(?=.{{1,253}}$)({_LABEL}\.)*{_LABEL}$")
 
 
 class ConfigError(ValueError):
@@ -86,7 +87,7 @@ def parse_http_url(value: str) -> str:
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValueError(f"{value!r} must not carry user info, a query or a fragment")
     try:
-        parts.port
+        _ = parts.port  # raises for a port out of range
     except ValueError:
         raise ValueError(f"{value!r} has an invalid port") from None
     return value.rstrip("/")
@@ -244,7 +245,9 @@ def _read_admin_token_file(value: str) -> str:
         raise ValueError(f"cannot read {value!r}: {e.strerror}") from None
     if not token:
         raise ValueError(f"{value!r} is empty")
-    return _parse_admin_token(token)
+    parsed = _parse_admin_token(token)
+    assert parsed is not None  # an empty token was refused above
+    return parsed
 
 
 def _parse_admin_token(value: str) -> str | None:
@@ -395,13 +398,14 @@ def build_config(options: Mapping[str, object], environ: Mapping[str, str],
     absent when not given; True for a flag that was given). ``names``, when given, limits
     the settings read to those (the CLI needs a few, and must not trip on the rest).
     """
-    values, sources = {}, {}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for setting in SETTINGS:
         if names is not None and setting.name not in names:
             continue
         if setting.name in values:
             continue  # an earlier source of the same value won (e.g. a token file option)
-        given = options.get(setting.option) if setting.option else None
+        given: Any = options.get(setting.option) if setting.option else None
         if setting.flag and given:
             values[setting.name] = True
             continue

@@ -147,14 +147,14 @@ class FakeBridge:
                 "total_tokens": 1 + self.chunks}
 
     def _play(self, request, events: list[bytes]) -> Deferred:
-        pending = []
+        pending: list = []
 
         def cancel(_):
             for call in pending:
                 if call.active():
                     call.cancel()
 
-        done = Deferred(cancel)
+        done: Deferred = Deferred(cancel)
 
         def send(index: int) -> None:
             request.write(events[index])

@@ -435,7 +435,7 @@ class GatewaySite(Site):
 
 def make_site(gateway: Gateway) -> GatewaySite:
     site = GatewaySite(FrontDoor(gateway.app.resource(), gateway.config, gateway.metrics))
-    site.requestFactory = type("Request", (GatewayRequest,), {
+    site.requestFactory = type("Request", (GatewayRequest,), {  # type: ignore[assignment]
         "body_cap": max(gateway.config.max_body, MAX_SESSION_BODY)})
     site.displayTracebacks = False
     return site

@@ -8,9 +8,10 @@ separator: one plain JSON object per line, which journald and log shippers take 
 from __future__ import annotations
 
 import sys
+from typing import cast
 
 from twisted.logger import ILogObserver, jsonFileLogObserver
 
 
 def observer() -> ILogObserver:
-    return jsonFileLogObserver(sys.stdout, recordSeparator="")
+    return cast(ILogObserver, jsonFileLogObserver(sys.stdout, recordSeparator=""))

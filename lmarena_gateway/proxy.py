@@ -12,16 +12,15 @@ import uuid
 
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
-from twisted.internet.error import ConnectingCancelledError, ConnectError, DNSLookupError, TimeoutError
-from twisted.logger import Logger
-from twisted.web._newclient import _WrapperException
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import (Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool,
-                                _HTTP11ClientFactory)
+from twisted.web._newclient import _WrapperException
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
-from twisted.web.http_headers import Headers
 
 from .bridge_client import BridgeClient, BridgeEndpoints
 from .config import GatewayConfig
@@ -381,7 +380,7 @@ class Proxy:
         set_status(request, status)
         request.setHeader(b"Content-Type", b"application/json")
         delay = response.headers.getRawHeaders(b"retry-after", [None])[0]
-        extra = ()
+        extra: tuple[tuple[str, str], ...] = ()
         if delay is not None and re.fullmatch(rb"\d{1,6}", delay.strip()):
             extra = (("Retry-After", delay.strip().decode()),)
         set_error_headers(request, code, extra)
@@ -405,7 +404,7 @@ class Proxy:
             else:
                 pending.cancel()
 
-        finished = Deferred(cancel)
+        finished: Deferred = Deferred(cancel)
 
         def answered(response):
             if response.code >= 300:

@@ -295,7 +295,7 @@ class RedisSessions:
             if not batch:
                 break
             reply = yield self.script(PRUNE, repr(cutoff), *batch)
-            for rev, value in zip(reply[::2], reply[1::2]):
+            for rev, value in zip(reply[::2], reply[1::2], strict=True):
                 try:
                     removed.append((int(rev), decode(value)))
                 except (ValueError, KeyError, TypeError):
@@ -308,7 +308,7 @@ class RedisSessions:
         records, broken, cursor = {}, [], "0"
         for _ in range(1 << 30):  # HSCAN ends with cursor 0; bounded all the same
             cursor, flat = yield self.command("HSCAN", self.keys[0], cursor, "COUNT", BATCH)
-            for key, value in zip(flat[::2], flat[1::2]):
+            for key, value in zip(flat[::2], flat[1::2], strict=True):
                 try:
                     records[key] = decode(value)
                 except (ValueError, KeyError, TypeError):

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import time
 from http import HTTPStatus
+from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from .errors import envelope
@@ -69,6 +71,8 @@ def _sse_error(message: str, code: str) -> bytes:
 class Relay(Protocol):
     """Writes the bridge's body to the client as it arrives; never re-assembles it."""
 
+    transport: Any  # the bridge connection: a producer we pause, resume and stop
+
     def __init__(self, request, clock, *, sse: bool, idle_timeout: float,
                  keepalive: float, upstream_url: str, finished: Deferred,
                  label: str = "the bridge", metrics=None, sent_at: float = 0.0) -> None:
@@ -86,8 +90,8 @@ class Relay(Protocol):
         self.seen_done = False
         self.stopped = False
         self.bytes = 0
-        self._idle = None
-        self._ping = None
+        self._idle: Any = None  # IDelayedCall, from connectionMade on
+        self._ping: Any = None
 
     def connectionMade(self) -> None:
         if self.sse:
@@ -165,7 +169,7 @@ class Relay(Protocol):
         if not self.finished.called:
             self.finished.callback(None)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.stopped:
             return
         clean = reason.check(ResponseDone)
@@ -187,6 +191,8 @@ class Relay(Protocol):
 class _Capped(Protocol):
     """Collects a body up to ``limit`` bytes, then drops the rest of it."""
 
+    transport: Any
+
     def __init__(self, limit: int, done: Deferred) -> None:
         self.limit = limit
         self.done = done
@@ -201,7 +207,7 @@ class _Capped(Protocol):
         if self.size >= self.limit:
             self.transport.stopProducing()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.done.called:
             self.done.callback(b"".join(self.parts))
 

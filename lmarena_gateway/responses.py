@@ -108,7 +108,7 @@ def _messages(body: dict) -> list[dict]:
                 raise _unsupported("item_reference", _UNSUPPORTED["previous_response_id"])
             raise _unsupported(f"input.{kind}" if isinstance(kind, str) else "input",
                                "only message items reach LMArena")
-        role = _ROLES.get(item.get("role"))
+        role = _ROLES.get(str(item.get("role")))
         if role is None:
             raise _invalid(f"{where}.role must be one of user, assistant, system, developer")
         messages.append({"role": role, "content": _content(item.get("content"), where)})
@@ -209,7 +209,7 @@ class Translator:
         self._stream = stream
         self._pending = b""  # the unfinished SSE event, or the JSON answer so far
         self._text: list[str] = []
-        self._usage = None
+        self._usage: dict | None = None
         self._finish = None
         self._sequence = 0
         self._started = False

@@ -30,8 +30,8 @@ def _is_loopback_ip(host: str) -> bool:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
-    if getattr(address, "ipv4_mapped", None):
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return any(address.ipv4_mapped in network for network in _LOOPBACK)
     return any(address in network for network in _LOOPBACK)
 
 
@@ -134,11 +134,12 @@ class ClientKeys:
         if not self.required:
             return
         given = bearer(request)
-        allowed = self.keys.get(hashlib.sha256(given.encode()).digest(), False) if given else False
-        if allowed is False:
+        digest = hashlib.sha256(given.encode()).digest() if given else None
+        if digest is None or digest not in self.keys:
             raise ApiError(401, "invalid_api_key",
                            "Incorrect API key provided: send one of this gateway's client keys "
                            "as 'Authorization: Bearer <key>'", "invalid_request_error")
+        allowed = self.keys[digest]
         if allowed is not None and session_name not in allowed:
             raise ApiError(403, "SESSION_NOT_ALLOWED",
                            f"this API key may not use session {session_name!r}")

@@ -114,7 +114,9 @@ class Listener(StreamServerEndpointService):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self._waitingForPort.addCallback(self._bound)
+        bound = self._waitingForPort  # set by the call above
+        assert bound is not None
+        bound.addCallback(self._bound)
 
     def _bound(self, port):
         self.port = port
@@ -136,7 +138,7 @@ class GatewayService(MultiService):
         except CannotListenError as e:
             where = f"{e.interface or '*'}:{e.port}"
             why = getattr(e.socketError, "strerror", None) or e.socketError
-            raise SystemExit(f"lmgateway: --listen: cannot listen on {where}: {why}")
+            raise SystemExit(f"lmgateway: --listen: cannot listen on {where}: {why}") from None
 
 
 def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> MultiService:

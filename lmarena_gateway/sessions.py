@@ -178,7 +178,7 @@ def check_bridge_url(url) -> str:
         problem = "must be printable ASCII without spaces"
     else:
         try:
-            parts.port
+            _ = parts.port  # raises for a port out of range
         except ValueError:
             problem = "has an invalid port"
     if problem:

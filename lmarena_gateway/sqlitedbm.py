@@ -66,7 +66,8 @@ class _Database:
 
     def __setitem__(self, key, value) -> None:
         self._cx.execute(
-            "INSERT INTO Dict (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            "INSERT INTO Dict (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (_bytes(key), _bytes(value)),
         )
 

@@ -116,4 +116,5 @@ def makeService(options: GatewayOptions, reactor=None):
     for name in unknown_variables(options.environ):
         Logger().warn("unknown variable {name} ignored: no setting reads it (a typo?)",
                       name=name)
+    assert options.config is not None, "postOptions builds the config"
     return make_service(options.config, reactor)

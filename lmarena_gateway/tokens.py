@@ -83,7 +83,7 @@ class FileSecrets:
 
     def __init__(self, secret_path: str) -> None:
         self.secret_path = secret_path
-        self._stamp = None
+        self._stamp: tuple | None = None
 
     def read(self):
         """(secret, generations), or None when neither file changed since the last read."""
