@@ -15,10 +15,11 @@ and the same connection pool. Anything else goes through treq, which remains the
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint,
-                                        wrapClientTLS)
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
@@ -85,7 +86,7 @@ class BridgeEndpoints:
     def __init__(self, reactor, *, connect_timeout: float | None, tls_policy,
                  limit: int = 256) -> None:
         self.reactor = reactor
-        self.timeout = {} if connect_timeout is None else {"timeout": connect_timeout}
+        self.timeout: dict[str, Any] = {} if connect_timeout is None else {"timeout": connect_timeout}
         self.tls_policy = tls_policy
         self.limit = limit  # registered bridge URLs are few; never grow without bound
         self._known: dict[tuple, object] = {}
@@ -112,6 +113,6 @@ class BridgeEndpoints:
                 return TCP6ClientEndpoint(self.reactor, host, uri.port, **self.timeout)
             return HostnameEndpoint(self.reactor, host, uri.port, **self.timeout)
         if uri.scheme == b"https":
-            return wrapClientTLS(self.tls_policy.creatorForNetloc(uri.host, uri.port),
-                                 HostnameEndpoint(self.reactor, host, uri.port, **self.timeout))
+            inner: Any = HostnameEndpoint(self.reactor, host, uri.port, **self.timeout)
+            return wrapClientTLS(self.tls_policy.creatorForNetloc(uri.host, uri.port), inner)
         raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")

@@ -68,6 +68,7 @@ class Options(GatewayOptions):
             super().postOptions()
         except usage.UsageError as e:
             sys.exit(f"lmgateway: {e}")
+        assert self.config is not None  # the base class's postOptions built it
         busy = busy_port(self.config.listen)
         if busy:
             sys.exit(f"lmgateway: --listen: {busy}")

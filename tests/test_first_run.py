@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import bin_path, http, require_binary, wait_for
 from test_daemon import daemon_env, run_twistd
-from test_redis_store import redis_server  # noqa: F401 (a fixture, used by name)
+
+from conftest import bin_path, http, require_binary, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PHP_FILE = Path(__file__).parent / "data" / "php-sessions.json"
