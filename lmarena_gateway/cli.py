@@ -11,7 +11,7 @@ from typing import Any
 
 from attrs import evolve
 
-from .config import ConfigError, build_config
+from .config import ConfigError, build_config, is_redis_storage
 from .errors import ApiError
 from .security import require_bridge_allowed
 from .sessions import SessionRecord, parse_time, validate_registration
@@ -166,7 +166,7 @@ def cmd_revoke(args, environ, out) -> int:
     if not SESSION_NAME.match(args.name):
         raise SystemExit(f"lmgateway: {args.name!r} is not a session name")
     try:
-        if config.storage.startswith(("redis://", "rediss://", "unix://")):
+        if is_redis_storage(config.storage):
             from .redis_sessions import RedisSessionFile
 
             store = RedisSessionFile(config.storage, prefix=config.redis_prefix,
@@ -245,7 +245,7 @@ def main(argv=None, environ=None, out=None) -> int:
     except ConfigError as e:
         raise SystemExit(f"lmgateway: {e}") from None
     store: Any
-    if config.storage.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis_storage(config.storage):
         # The same commands over Redis: RedisSessionFile has SessionFile's methods.
         from .redis_sessions import RedisSessionFile
 

@@ -29,6 +29,15 @@ class ConfigError(ValueError):
     """A bad setting; the message names the option and the problem on one line."""
 
 
+# The one place a storage setting's kind is decided: these schemes are a Redis server,
+# anything else a file path (the SQLite-backed DBM store).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def is_redis_storage(storage: str) -> bool:
+    return storage.startswith(REDIS_SCHEMES)
+
+
 @frozen
 class GatewayConfig:
     listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
@@ -172,7 +181,7 @@ def _parse_storage(value: str) -> str:
     if not value:
         raise ValueError("an empty path")
     if "://" in value:
-        if value.startswith(("redis://", "rediss://", "unix://")):
+        if is_redis_storage(value):
             from .redis_sessions import parse_address
 
             parse_address(value)  # a bad Redis URL is a one-line error, not a traceback

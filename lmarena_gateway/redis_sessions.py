@@ -26,11 +26,11 @@ from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbac
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.error import TimeoutError as TwistedTimeout
 
+from .config import is_redis_storage
 from .errors import ApiError, retry_after
 from .sessions import Registration, SessionRecord, iso, record_is_valid, session_key
 from .store import SessionFile
 
-SCHEMES = ("redis://", "rediss://", "unix://")
 BATCH = 500
 REDIS_ERRORS = (txredisapi.RedisError, CancelledError, TwistedTimeout, ConnectionError)
 
@@ -160,7 +160,7 @@ def parse_address(url: str) -> RedisAddress:
     """``redis://[[user]:password@]host[:port][/db]``, ``rediss://...[?ca=PEM]``,
     ``unix://[...@]/path[?db=N]``."""
     parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss", "unix"):
+    if not is_redis_storage(url):
         raise ValueError(f"{url!r} is not a redis://, rediss:// or unix:// URL")
     query = parse_qs(parts.query, keep_blank_values=True)
     allowed = {"db", "ca"} if parts.scheme == "rediss" else {"db"}

@@ -9,7 +9,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from .config import GatewayConfig
+from .config import GatewayConfig, is_redis_storage
 from .gateway import Gateway, make_site
 from .metrics import Metrics
 from .proxy import make_http_client
@@ -97,7 +97,7 @@ class _ConnectionPoolService(Service):
 
 
 def make_store(config: GatewayConfig, reactor):
-    if config.storage.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis_storage(config.storage):
         from .redis_store import RedisSessionStore
 
         return RedisSessionStore.from_url(config.storage, reactor, config=config)
