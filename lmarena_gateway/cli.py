@@ -163,7 +163,7 @@ def cmd_revoke(args, environ, out) -> int:
                                "redis-prefix": args.redis_prefix}, environ, CLI_SETTINGS)
     except ConfigError as e:
         raise SystemExit(f"lmgateway: {e}") from None
-    if not SESSION_NAME.match(args.name):
+    if not SESSION_NAME.fullmatch(args.name):
         raise SystemExit(f"lmgateway: {args.name!r} is not a session name")
     try:
         if is_redis_storage(config.storage):

@@ -22,7 +22,7 @@ DEFAULT_DOMAINS = (
 )
 DEFAULT_STORAGE = os.path.join("storage", "sessions.sqlite3")
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"^(?=.{{1,253}}$)({_LABEL}\.)*{_LABEL}$")
+_DOMAIN = re.compile(rf"(?=.{{1,253}}\Z)({_LABEL}\.)*{_LABEL}")
 
 
 class ConfigError(ValueError):
@@ -154,7 +154,7 @@ def _parse_domains(value: str) -> tuple[str, ...]:
     if not domains:
         raise ValueError("at least one domain is needed")
     for domain in domains:
-        if not _DOMAIN.match(domain):
+        if not _DOMAIN.fullmatch(domain):
             raise ValueError(f"{domain!r} is not a host name")
     return domains
 
@@ -287,7 +287,7 @@ def _parse_allow(value: str) -> tuple[str, ...]:
                 ipaddress.ip_network(entry, strict=False)
             except ValueError:
                 raise ValueError(f"{entry!r} is not a network") from None
-        elif not _DOMAIN.match(entry.removeprefix("*.")) and not _is_ip(entry):
+        elif not _DOMAIN.fullmatch(entry.removeprefix("*.")) and not _is_ip(entry):
             raise ValueError(f"{entry!r} is not a host, *.suffix, CIDR or 'loopback'")
     return entries
 

@@ -31,7 +31,7 @@ from .security import require_bridge_allowed
 from .sessions import SessionRecord, check_domain, check_session_name
 
 log = Logger()
-REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 def _reasons(failure):
@@ -159,7 +159,7 @@ def request_id(request) -> str:
     given = request.getHeader(b"x-request-id")
     if given:
         text = given.decode("latin-1")
-        if REQUEST_ID.match(text):
+        if REQUEST_ID.fullmatch(text):
             return text
     return uuid.uuid4().hex
 

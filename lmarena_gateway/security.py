@@ -123,7 +123,7 @@ class ClientKeys:
             if not words:
                 continue
             key, names = words[0], words[1:]
-            bad = [n for n in names if not SESSION_NAME.match(n)]
+            bad = [n for n in names if not SESSION_NAME.fullmatch(n)]
             if bad or not re.fullmatch(r"[\x21-\x7e]{8,512}", key):
                 what = f"session name {bad[0]!r}" if bad else "a key (8-512 printable characters)"
                 raise ValueError(f"entry {number}: not {what}")

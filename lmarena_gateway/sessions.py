@@ -15,9 +15,9 @@ from attrs import evolve, field, frozen
 
 from .errors import ApiError
 
-SESSION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-BRIDGE_KEY = re.compile(r"^[\x21-\x7e]{1,512}$")
+SESSION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+BRIDGE_KEY = re.compile(r"[\x21-\x7e]{1,512}")
 MAX_MODELS = 200
 REQUIRED = ("domain", "session_name", "session_id", "message_id")
 
@@ -159,7 +159,7 @@ def check_domain(domain, domains) -> str:
 
 
 def check_session_name(name) -> str:
-    if not isinstance(name, str) or not SESSION_NAME.match(name):
+    if not isinstance(name, str) or not SESSION_NAME.fullmatch(name):
         raise _bad("INVALID_SESSION_NAME",
                    "session_name must be 1-64 characters of A-Z, a-z, 0-9, _ or -")
     return name
@@ -207,7 +207,7 @@ def validate_registration(body, domains) -> Registration:
     ids = []
     for field_name in ("session_id", "message_id"):
         value = body[field_name]
-        if not isinstance(value, str) or not UUID.match(value.lower()):
+        if not isinstance(value, str) or not UUID.fullmatch(value.lower()):
             raise _bad("INVALID_UUID", f"{field_name} must be a UUID")
         ids.append(value.lower())
     url = body.get("bridge_base_url")
@@ -215,7 +215,7 @@ def validate_registration(body, domains) -> Registration:
     key = body.get("bridge_api_key")
     if key in (None, ""):
         key = None
-    elif not isinstance(key, str) or not BRIDGE_KEY.match(key):
+    elif not isinstance(key, str) or not BRIDGE_KEY.fullmatch(key):
         raise _bad("INVALID_BRIDGE_API_KEY",
                    "bridge_api_key must be one token of printable ASCII, at most 512 characters")
     models = body.get("models")

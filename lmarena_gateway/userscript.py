@@ -22,11 +22,11 @@ VERSION_MARK = "@@VERSION@@"
 
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOST = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]{{2,45}}\])"
-HOST_PORT = re.compile(rf"^({_HOST})(?::([0-9]{{1,5}}))?$")
+HOST_PORT = re.compile(rf"({_HOST})(?::([0-9]{{1,5}}))?")
 # RFC 3986 path characters only: no space, quote, angle bracket, "?", "#" or control.
 _PATH = r"(?:/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?"
-GATEWAY_URL = re.compile(rf"^https?://{_HOST}(?::[0-9]{{1,5}})?{_PATH}$")
-DOMAIN = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+GATEWAY_URL = re.compile(rf"https?://{_HOST}(?::[0-9]{{1,5}})?{_PATH}")
+DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 
 
 def js_literal(value) -> str:
@@ -37,7 +37,7 @@ def js_literal(value) -> str:
 
 def check_gateway_url(url: str) -> str:
     """The URL the script posts to; raises ValueError unless it is a plain http(s) URL."""
-    if not isinstance(url, str) or not GATEWAY_URL.match(url):
+    if not isinstance(url, str) or not GATEWAY_URL.fullmatch(url):
         raise ValueError(f"{url!r} is not a plain http(s) URL of printable characters")
     port = urlsplit(url).port  # raises ValueError above 65535
     if port == 0:
@@ -47,7 +47,7 @@ def check_gateway_url(url: str) -> str:
 
 def check_host(value: str, source: str) -> str:
     """A ``host[:port]`` header value, lowercased; 400 INVALID_HOST otherwise."""
-    match = HOST_PORT.match(value)
+    match = HOST_PORT.fullmatch(value)
     if not match or (match.group(2) and not 0 < int(match.group(2)) < 65536):
         raise ApiError(400, "INVALID_HOST",
                        f"{source} is not a valid host[:port]; "
@@ -129,12 +129,12 @@ def _metadata(session_name: str, gateway_url: str, domains: tuple[str, ...],
 def render_script(*, session_name: str, gateway_url: str, domains: tuple[str, ...],
                   registration_token: str | None = None) -> str:
     """The userscript text; raises ValueError for a value that could break its metadata."""
-    if not isinstance(session_name, str) or not SESSION_NAME.match(session_name):
+    if not isinstance(session_name, str) or not SESSION_NAME.fullmatch(session_name):
         raise ValueError(f"{session_name!r} is not a session name")
     gateway_url = check_gateway_url(gateway_url)
     domains = tuple(d.lower() if isinstance(d, str) else d for d in domains)
     for domain in domains:
-        if not isinstance(domain, str) or not DOMAIN.match(domain):
+        if not isinstance(domain, str) or not DOMAIN.fullmatch(domain):
             raise ValueError(f"{domain!r} is not a host name")
     if registration_token is not None and not isinstance(registration_token, str):
         raise ValueError("registration_token must be a string")

@@ -1,0 +1,73 @@
+"""Every validator matches the whole value: a trailing newline is not a valid anything.
+
+A ``$`` in a pattern also matches before a final "\\n", which let through session names
+the API could not delete and bridge keys that broke the userscript.
+"""
+
+import pytest
+
+from lmarena_gateway.errors import ApiError
+from lmarena_gateway.proxy import request_id
+from lmarena_gateway.security import ClientKeys
+from lmarena_gateway.sessions import check_session_name, validate_registration
+from lmarena_gateway.userscript import check_gateway_url, check_host, render_script
+from conftest import SESSION
+
+DOMAINS = ("lmarena.ai",)
+
+
+def test_a_session_name_with_a_trailing_newline_is_refused():
+    assert check_session_name("team-alpha") == "team-alpha"
+    with pytest.raises(ApiError) as e:
+        check_session_name("team-alpha\n")
+    assert e.value.code == "INVALID_SESSION_NAME"
+
+
+@pytest.mark.parametrize("field, code", [
+    ("session_name", "INVALID_SESSION_NAME"), ("session_id", "INVALID_UUID"),
+    ("message_id", "INVALID_UUID")])
+def test_a_registration_field_with_a_trailing_newline_is_refused(field, code):
+    validate_registration(dict(SESSION), DOMAINS)
+    with pytest.raises(ApiError) as e:
+        validate_registration(dict(SESSION, **{field: SESSION[field] + "\n"}), DOMAINS)
+    assert e.value.code == code
+
+
+def test_a_bridge_key_with_a_trailing_newline_is_refused():
+    validate_registration(dict(SESSION, bridge_api_key="sk-bridge"), DOMAINS)
+    with pytest.raises(ApiError) as e:
+        validate_registration(dict(SESSION, bridge_api_key="sk-bridge\n"), DOMAINS)
+    assert e.value.code == "INVALID_BRIDGE_API_KEY"
+
+
+def test_a_domain_with_a_trailing_newline_is_refused():
+    with pytest.raises(ApiError):
+        validate_registration(dict(SESSION, domain="lmarena.ai\n"), DOMAINS)
+    # (--domains splits on whitespace, so its entries cannot end in one)
+
+
+def test_a_request_id_with_a_trailing_newline_is_replaced():
+    class Asked:
+        def __init__(self, value):
+            self.value = value
+
+        def getHeader(self, name):
+            return self.value
+
+    assert request_id(Asked(b"abc-123")) == "abc-123"
+    assert request_id(Asked(b"abc-123\n")) != "abc-123\n"
+
+
+def test_userscript_values_with_a_trailing_newline_are_refused():
+    assert check_gateway_url("http://127.0.0.1:5104") == "http://127.0.0.1:5104"
+    with pytest.raises(ValueError):
+        check_gateway_url("http://127.0.0.1:5104\n")
+    with pytest.raises(ApiError):
+        check_host("gateway.example:5104\n", "Host")
+    with pytest.raises(ValueError):
+        render_script(session_name="alpha\n", gateway_url="http://127.0.0.1:5104",
+                      domains=DOMAINS)
+    with pytest.raises(ValueError):
+        render_script(session_name="alpha", gateway_url="http://127.0.0.1:5104",
+                      domains=("lmarena.ai\n",))
+
