@@ -58,6 +58,7 @@ class GatewayConfig:
     public_url: str | None = None
     trust_proxy_headers: bool = False
     admin_token: str | None = field(default=None, repr=False)
+    admin_token_file: str | None = None  # where admin_token was read from: SIGHUP re-reads it
     api_keys_file: str | None = None
     api_keys: str | None = field(default=None, repr=False)  # GATEWAY_API_KEYS, inline
     bridge_allow: tuple[str, ...] = ()  # empty: the default bridge's host and loopback
@@ -371,7 +372,7 @@ SETTINGS = (
     Setting("public_url", "public-url", "GATEWAY_PUBLIC_URL", _parse_public_url,
             "URL browsers reach this gateway at (for the userscript)"),
     Setting("admin_token", "admin-token-file", "GATEWAY_ADMIN_TOKEN_FILE", _read_admin_token_file,
-            "File holding the admin token (or set GATEWAY_ADMIN_TOKEN)"),
+            "File holding the admin token, re-read on SIGHUP (or set GATEWAY_ADMIN_TOKEN)"),
     Setting("admin_token", None, "GATEWAY_ADMIN_TOKEN", _parse_admin_token, "The admin token"),
     Setting("api_keys_file", "api-keys-file", "GATEWAY_API_KEYS_FILE", _parse_readable_file,
             "Client API keys for /v1, one a line, optionally followed by session names; "
@@ -429,5 +430,7 @@ def build_config(options: Mapping[str, object], environ: Mapping[str, str],
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
         sources[setting.name] = source
+        if setting.parse is _read_admin_token_file:
+            values["admin_token_file"] = raw
     config = GatewayConfig(**values, sources=sources)
     return config

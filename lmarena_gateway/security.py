@@ -12,9 +12,11 @@ import hashlib
 import hmac
 import ipaddress
 import re
+import signal
 from urllib.parse import urlsplit
 
 from attrs import frozen
+from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 
@@ -67,6 +69,10 @@ class AdminAuth:
     """The admin token check, in constant time; loopback-only while no token is set."""
 
     def __init__(self, token: str | None) -> None:
+        self.set_token(token)
+
+    def set_token(self, token: str | None) -> None:
+        """A re-read token file replaces the token; the loopback-only rule never returns."""
         self._token = token.encode() if token else None
 
     @property
@@ -201,18 +207,6 @@ class ClientKeyService:
     def __call__(self) -> ClientKeys:
         return self.current
 
-    def install_sighup(self) -> None:
-        import signal
-
-        previous = signal.getsignal(signal.SIGHUP)
-
-        def on_hup(signum, frame):
-            self._reactor.callFromThread(self.reload)
-            if callable(previous):
-                previous(signum, frame)
-
-        signal.signal(signal.SIGHUP, on_hup)
-
     def reload(self):
         from twisted.internet.threads import deferToThread
 
@@ -226,3 +220,64 @@ class ClientKeyService:
         return deferToThread(load_client_keys, self.path, self.inline).addCallbacks(
             loaded, lambda f: log.error("client API keys not re-read, keeping the old ones: "
                                         "{why}", why=f.getErrorMessage()))
+
+
+class SighupReloader(Service):
+    """SIGHUP re-reads the client keys file and the admin token file, and logs what it did.
+
+    It runs whatever is configured: without a handler SIGHUP's default action ends the
+    process, and operators send it as a matter of course.
+    """
+
+    def __init__(self, reactor, *, keys: ClientKeyService, admin: AdminAuth,
+                 admin_token_file: str | None) -> None:
+        self._reactor = reactor
+        self.keys = keys
+        self.admin = admin
+        self.admin_token_file = admin_token_file
+        self._previous = None
+
+    def startService(self) -> None:
+        super().startService()
+        previous = self._previous = signal.getsignal(signal.SIGHUP)
+
+        def on_hup(signum, frame):
+            self._reactor.callFromThread(self.reload)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def stopService(self):
+        signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
+        return super().stopService()
+
+    def reload(self):
+        from twisted.internet.defer import gatherResults, succeed
+
+        what = []
+        if self.keys.path:
+            what.append(f"client API keys from {self.keys.path}")
+        if self.admin_token_file:
+            what.append(f"the admin token from {self.admin_token_file}")
+        if not what:
+            log.info("SIGHUP: nothing to re-read (no --api-keys-file or --admin-token-file)")
+            return succeed(None)
+        log.info("SIGHUP: re-reading {what}", what=" and ".join(what))
+        work = [self.keys.reload()] if self.keys.path else []
+        if self.admin_token_file:
+            work.append(self._reload_admin_token())
+        return gatherResults(work)
+
+    def _reload_admin_token(self):
+        from twisted.internet.threads import deferToThread
+
+        from .config import _read_admin_token_file
+
+        def loaded(token: str) -> None:
+            self.admin.set_token(token)
+            log.info("admin token re-read from {path}", path=self.admin_token_file)
+
+        return deferToThread(_read_admin_token_file, self.admin_token_file).addCallbacks(
+            loaded, lambda f: log.error("admin token not re-read, keeping the old one: {why}",
+                                        why=f.getErrorMessage()))

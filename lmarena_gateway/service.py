@@ -13,7 +13,7 @@ from .config import GatewayConfig, is_redis_storage
 from .gateway import Gateway, make_site
 from .metrics import Metrics
 from .proxy import make_http_client
-from .security import ClientKeyService
+from .security import ClientKeyService, SighupReloader
 from .store import DBMSessionStore
 from .tokens import FileSecrets, RedisSecrets, RegistrationTokens
 
@@ -167,9 +167,7 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
     tokens.setName("registration-tokens")
     tokens.setServiceParent(root)
     keys = ClientKeyService(config.api_keys_file, config.api_keys, reactor)
-    if keys.current.required:
-        keys.install_sighup()
-    else:
+    if not keys.current.required:
         log.warn("no client API keys configured: /v1 is open to anyone who can reach this "
                  "gateway (set --api-keys-file or GATEWAY_API_KEYS)")
     if not config.admin_token:
@@ -177,6 +175,10 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
 
     gateway = Gateway(config, store, client, reactor, tokens=tokens, client_keys=keys,
                       metrics=metrics)
+    reloader = SighupReloader(reactor, keys=keys, admin=gateway.admin,
+                              admin_token_file=config.admin_token_file)
+    reloader.setName("sighup")
+    reloader.setServiceParent(root)
     site = make_site(gateway)
     for index, description in enumerate(config.listen):
         listener = Listener(serverFromString(reactor, description), site)
