@@ -87,14 +87,18 @@ class FileSecrets:
 
     def read(self):
         """(secret, generations), or None when neither file changed since the last read."""
-        stamp = tuple(
+        if self._stamp is not None and self._files() == self._stamp:
+            return None
+        result = load_or_create_secret(self.secret_path), load_generations(self.secret_path)
+        # Stamped after reading: a secret created just now is not "changed" at the next poll.
+        self._stamp = self._files()
+        return result
+
+    def _files(self):
+        return tuple(
             (st.st_mtime_ns, st.st_ino) if st else None
             for st in map(_stat, (self.secret_path, revocations_path(self.secret_path)))
         )
-        if stamp == self._stamp:
-            return None
-        self._stamp = stamp
-        return load_or_create_secret(self.secret_path), load_generations(self.secret_path)
 
     def refresh(self):
         return deferToThread(self.read)
