@@ -143,11 +143,21 @@ class Relay(Protocol):
             prefix = b"" if self._between_events() else b"\n\n"
             self.request.write(prefix + _sse_error(message, code))
             self._finish()
-        else:
-            # A JSON body cut short must not look complete: drop the connection.
+        elif not self.request.startedWriting:
+            # Nothing sent yet: the client can still be told, in the envelope.
             self.request.unregisterProducer()
-            self.request.loseConnection()
-            self.finished.callback(None)
+            set_status(self.request, 504 if code == "BRIDGE_TIMEOUT" else 502)
+            self.request.setHeader(b"Content-Type", b"application/json")
+            self.finished.callback(json.dumps(envelope(message, code, "bridge_error")).encode())
+        else:
+            # A JSON body cut short must not look complete. Finishing the request (or a
+            # plain close, which flushes what Klein writes next) would send the chunked
+            # terminator; an abort drops it. Klein then cancels ``finished``.
+            log.warn("bridge body lost after {bytes} bytes, client connection aborted: "
+                     "{message}", bytes=self.bytes, message=message)
+            self.request.unregisterProducer()
+            transport = self.request.transport
+            getattr(transport, "abortConnection", transport.loseConnection)()
 
     def _cancel_timers(self) -> None:
         for call in (self._idle, self._ping):
