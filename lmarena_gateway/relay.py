@@ -143,8 +143,9 @@ class Relay(Protocol):
             prefix = b"" if self._between_events() else b"\n\n"
             self.request.write(prefix + _sse_error(message, code))
             self._finish()
-        elif not self.request.startedWriting:
-            # Nothing sent yet: the client can still be told, in the envelope.
+        elif not self.bytes:
+            # Nothing sent yet (a JSON answer's headers go with its first bytes): the
+            # client can still be told, in the envelope.
             self.request.unregisterProducer()
             set_status(self.request, 504 if code == "BRIDGE_TIMEOUT" else 502)
             self.request.setHeader(b"Content-Type", b"application/json")
@@ -152,12 +153,13 @@ class Relay(Protocol):
         else:
             # A JSON body cut short must not look complete. Finishing the request (or a
             # plain close, which flushes what Klein writes next) would send the chunked
-            # terminator; an abort drops it. Klein then cancels ``finished``.
+            # terminator; an abort discards everything written after it, so Klein may
+            # finish the request into the void.
             log.warn("bridge body lost after {bytes} bytes, client connection aborted: "
                      "{message}", bytes=self.bytes, message=message)
             self.request.unregisterProducer()
-            transport = self.request.transport
-            getattr(transport, "abortConnection", transport.loseConnection)()
+            self.request.transport.abortConnection()
+            self.finished.callback(None)
 
     def _cancel_timers(self) -> None:
         for call in (self._idle, self._ping):

@@ -23,7 +23,7 @@ IDLE, KEEPALIVE = 30.0, 5.0
 
 
 class ClientRequest(DummyRequest):
-    """DummyRequest plus the one call it lacks: dropping the client connection."""
+    """DummyRequest plus the one call it lacks: aborting the client connection."""
 
     def __init__(self) -> None:
         super().__init__([b"v1", b"chat", b"completions"])
@@ -39,7 +39,11 @@ class ClientRequest(DummyRequest):
     def unregisterProducer(self) -> None:
         self.producer = None
 
-    def loseConnection(self) -> None:
+    @property
+    def transport(self):
+        return self  # the relay aborts the client's transport: this request stands in for it
+
+    def abortConnection(self) -> None:
         self.dropped = True
 
 
