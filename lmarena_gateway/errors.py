@@ -75,3 +75,15 @@ def render_error(request, error: ApiError) -> bytes:
     for name, value in error.response_headers():
         request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
     return error.body()
+
+
+def parse_json(raw: bytes):
+    """A client's JSON body; nesting deeper than Python recurses is invalid JSON too.
+
+    ``json.loads`` raises RecursionError, not ValueError, for a few KiB of brackets.
+    """
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "INVALID_JSON", "the body is not valid JSON "
+                       "(or nests deeper than the gateway parses)") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from datetime import datetime, timezone
@@ -19,7 +18,7 @@ from werkzeug.routing import PathConverter
 from zope.interface import implementer
 
 from . import __version__
-from .errors import ApiError, render_error, write_json
+from .errors import ApiError, parse_json, render_error, write_json
 from .metrics import Metrics
 from .proxy import Proxy, request_id
 from .security import AdminAuth, ClientKeys, require_bridge_allowed
@@ -113,6 +112,16 @@ class Gateway:
         return render_error(request, ApiError(
             405, "METHOD_NOT_ALLOWED", f"{method} is not allowed here; use {', '.join(allowed)}"))
 
+    @app.handle_errors(Exception)
+    def _unexpected(self, request, failure):
+        """Last: a bug is logged once and answered in the envelope, never Twisted's HTML page."""
+        log.failure("unexpected error in {method} {path}", failure,
+                    method=request.method.decode("latin-1"), path=request.path.decode("latin-1"),
+                    request_id=getattr(request, "request_id", None))
+        return render_error(request, ApiError(500, "INTERNAL_ERROR",
+                                              "the gateway failed on this request; its log says why",
+                                              "server_error"))
+
     # --- health ---
 
     @app.route("/health", methods=["GET"])
@@ -135,10 +144,7 @@ class Gateway:
             raise ApiError(413, "BODY_TOO_LARGE", f"the body is over {limit} bytes")
         if not raw.strip():
             return None  # no fields at all: MISSING_FIELDS, as the PHP gateway answers
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
+        return parse_json(raw)
 
     @app.route("/session/register", methods=["POST"])
     @inlineCallbacks

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from .bridge_client import BridgeClient, BridgeEndpoints
 from .config import GatewayConfig
-from .errors import ApiError, set_error_headers
+from .errors import ApiError, envelope, parse_json, set_error_headers
 from .metrics import Metrics
 from .relay import Relay, normalize_error, read_capped, set_status
 from .security import require_bridge_allowed
@@ -217,10 +217,7 @@ class Proxy:
         if len(raw) > self.config.max_body:
             raise ApiError(413, "BODY_TOO_LARGE",
                            f"the request body is over {self.config.max_body} bytes")
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
+        body = parse_json(raw)
         if not isinstance(body, dict):
             raise ApiError(400, "INVALID_REQUEST", "the body must be a JSON object")
         for name, kind in required:
@@ -276,7 +273,7 @@ class Proxy:
         try:
             listing = json.loads(body)
             models = list(listing["data"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             self.metrics.upstream_error("BRIDGE_BAD_RESPONSE")
             log.info("bridge {url} sent an unreadable model list", url=upstream.base_url,
                      request_id=rid)
@@ -372,7 +369,12 @@ class Proxy:
                            f"(HTTP {status}), which the gateway does not follow",
                 "type": "bridge_error", "code": "BRIDGE_BAD_RESPONSE"}}
         else:
-            payload = normalize_error(status, body)
+            try:
+                payload = normalize_error(status, body)
+            except RecursionError:  # nested past what we parse: not an answer we can read
+                status, payload = 502, envelope(f"{upstream.label} answered HTTP {status} with "
+                                                "an unreadable error body",
+                                                "BRIDGE_BAD_RESPONSE", "bridge_error")
             log.info("bridge {url} answered HTTP {status}", url=upstream.base_url,
                      status=status, request_id=request_id(request))
         code = payload["error"]["code"]
@@ -408,9 +410,11 @@ class Proxy:
 
         def answered(response):
             if response.code >= 300:
+                # Whatever goes wrong in reading it, ``finished`` fires: a client never
+                # waits on an error body we could not handle.
                 return read_capped(response).addCallback(
-                    lambda body: finished.callback(
-                        self._bridge_error(request, upstream, response, body)))
+                    lambda body: self._bridge_error(request, upstream, response, body)
+                ).addCallbacks(done, failed)
             set_status(request, response.code)
             content_type = response.headers.getRawHeaders(b"content-type", [None])[0]
             if sse:
@@ -429,6 +433,10 @@ class Proxy:
             self.metrics.stream_opened()  # finished fires once, however the relay ends
             finished.addBoth(self._stream_closed)
             response.deliverBody(protocol)
+
+        def done(body):
+            if not finished.called:
+                finished.callback(body)
 
         def failed(failure):
             if not finished.called:

@@ -192,7 +192,8 @@ class RegistrationTokens(Service):
         return make_token(self._secret, name, self._generations.get(name, 0))
 
     def is_valid(self, name: str, token) -> bool:
-        if not isinstance(token, str) or not self._secret:
+        # Tokens are ASCII; anything else (a lone surrogate cannot even be encoded) is wrong.
+        if not isinstance(token, str) or not token.isascii() or not self._secret:
             return False
         return hmac.compare_digest(token.encode(), self.token_for(name).encode())
 
