@@ -21,7 +21,7 @@ from . import __version__
 from .errors import ApiError, parse_json, render_error, write_json
 from .metrics import Metrics
 from .proxy import Proxy, request_id
-from .security import AdminAuth, ClientKeys, require_bridge_allowed
+from .security import AdminAuth, ClientKeys, is_admin_path, require_bridge_allowed
 from .sessions import check_domain, check_session_name, trimmed, validate_registration
 
 log = Logger()
@@ -68,7 +68,8 @@ class Gateway:
         self.store = store
         self.clock = clock
         self.metrics = metrics if metrics is not None else Metrics(store, config.domains)
-        self.admin = AdminAuth(config.admin_token)
+        self.admin = AdminAuth(config.admin_token, public_url=config.public_url,
+                               cors_origins=config.cors_origins)
         self.tokens = tokens  # RegistrationTokens, or None: only admins register
         self.proxy = Proxy(config, store, client, clock,
                            client_keys=client_keys or (lambda: ClientKeys({})),
@@ -239,6 +240,7 @@ class Gateway:
         # The script's own @updateURL carries its registration token: it may fetch its
         # own name's script (nothing more) without the admin token.
         token = request.args.get(b"registration_token", [b""])[0].decode("utf-8", "replace")
+        self.admin.guard_cors(request)  # it holds a registration token: no page may read it
         if not (token and self.tokens is not None and self.tokens.is_valid(name, token)):
             self._require_admin(request, allow_basic=True)
         if self.tokens is not None and not self.tokens.ready:
@@ -304,10 +306,11 @@ class FrontDoor:
 
     isLeaf = True
 
-    def __init__(self, inner, config, metrics=None) -> None:
+    def __init__(self, inner, config, metrics=None, admin=None) -> None:
         self.inner = inner
         self.config = config
         self.metrics = metrics
+        self.admin = admin  # AdminAuth: admin paths answer CORS only as it allows
 
     def getChildWithDefault(self, name, request):
         return self
@@ -319,6 +322,10 @@ class FrontDoor:
         """/session/register answers the LMArena pages (and extras); the rest --cors-origins."""
         if request.path == b"/session/register":
             origins = registration_origins(self.config)
+        elif is_admin_path(request.method, request.path):
+            request.setHeader(b"Vary", b"Origin")
+            allowed = self.admin is not None and self.admin.cors_allowed(request)
+            return request.getHeader(b"origin") if allowed else None
         else:
             origins = self.config.cors_origins
             if "*" in origins:
@@ -440,7 +447,8 @@ class GatewaySite(Site):
 
 
 def make_site(gateway: Gateway) -> GatewaySite:
-    site = GatewaySite(FrontDoor(gateway.app.resource(), gateway.config, gateway.metrics))
+    site = GatewaySite(FrontDoor(gateway.app.resource(), gateway.config, gateway.metrics,
+                                 admin=gateway.admin))
     site.requestFactory = type("Request", (GatewayRequest,), {  # type: ignore[assignment]
         "body_cap": max(gateway.config.max_body, MAX_SESSION_BODY)})
     site.displayTracebacks = False

@@ -65,11 +65,67 @@ def basic_password(request) -> str | None:
     return decoded.partition(":")[2]
 
 
-class AdminAuth:
-    """The admin token check, in constant time; loopback-only while no token is set."""
+EXTENSION_ORIGINS = ("chrome-extension://", "moz-extension://", "safari-web-extension://")
+# Paths that answer admins only: their preflights get no CORS either. A new admin route
+# calls AdminAuth.require and, if a browser may preflight it, is listed here.
+ADMIN_PATHS = (b"/session/list", b"/metrics", b"/userscript/", b"/status")
 
-    def __init__(self, token: str | None) -> None:
+
+def is_admin_path(method: bytes, path: bytes) -> bool:
+    """/session/{domain}/{name} (DELETE) is admin; /session/register is not."""
+    if path.startswith(b"/session/") and path != b"/session/register":
+        return True
+    return any(path == p or (p.endswith(b"/") and path.startswith(p)) or path.startswith(p + b"/")
+               for p in ADMIN_PATHS)
+
+
+def from_a_page(request) -> bool:
+    """Sent by a web page's script, not by a tool, the address bar or a userscript manager.
+
+    Browsers set ``Origin`` on a page's cross-origin requests and ``Sec-Fetch-Site`` on
+    all of them, script and image loads too (which carry no Origin); pages cannot forge
+    either, and extension origins cannot be claimed by a page.
+    """
+    origin = request.getHeader(b"origin")
+    if origin is not None and not origin.decode("latin-1").startswith(EXTENSION_ORIGINS):
+        return True
+    return (request.getHeader(b"sec-fetch-site") or b"").lower() in (b"cross-site", b"same-site")
+
+
+def host_name(value: str) -> str:
+    """The name in a Host header, without its port; '' when it is not one."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[: value.find("]") + 1] if "]" in value else ""
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def is_loopback_host(request, public_url: str | None = None) -> bool:
+    """Host names this machine only: what a DNS-rebinding page cannot send."""
+    raw = request.getHeader(b"host")
+    if raw is None:
+        return True  # HTTP/1.0 without Host: no name a page could have rebound
+    name = host_name(raw.decode("latin-1")).rstrip(".")
+    if name == "localhost" or name.endswith(".localhost") or _is_loopback_ip(name):
+        return True
+    public = (urlsplit(public_url).hostname or "").lower() if public_url else ""
+    return bool(public) and name.strip("[]") == public
+
+
+class AdminAuth:
+    """The one rule of every admin route: token, local-only, origin, Host, and CORS.
+
+    With a token, the token decides. Without one, only a client on this machine that is
+    not a web page (no page ``Origin``, no cross-site fetch) and that names this machine
+    in ``Host`` (which defeats DNS rebinding) is an admin.
+    """
+
+    def __init__(self, token: str | None, *, public_url: str | None = None,
+                 cors_origins: tuple[str, ...] = ()) -> None:
         self.set_token(token)
+        self.public_url = public_url
+        # "*" never counts for admin routes: only origins listed one by one.
+        self.cors_origins = frozenset(o for o in cors_origins if o != "*")
 
     def set_token(self, token: str | None) -> None:
         """A re-read token file replaces the token; the loopback-only rule never returns."""
@@ -85,12 +141,34 @@ class AdminAuth:
 
     def is_admin(self, request, *, allow_basic: bool = False) -> bool:
         if self._token is None:
-            return is_local_client(request)
+            return (is_local_client(request) and not from_a_page(request)
+                    and is_loopback_host(request, self.public_url))
         return self._matches(bearer(request)) or (allow_basic and self._matches(basic_password(request)))
 
+    def cors_allowed(self, request) -> bool:
+        origin = request.getHeader(b"origin")
+        return self._token is not None and origin is not None and \
+            origin.decode("latin-1") in self.cors_origins
+
+    def guard_cors(self, request) -> None:
+        """An admin answer is readable by no page, unless a token is set and it is listed."""
+        if not self.cors_allowed(request):
+            for name in (b"access-control-allow-origin", b"access-control-expose-headers",
+                         b"access-control-allow-credentials"):
+                request.responseHeaders.removeHeader(name)
+
     def require(self, request, *, allow_basic: bool = False) -> None:
+        self.guard_cors(request)
         if self.is_admin(request, allow_basic=allow_basic):
             return
+        if self._token is None and is_local_client(request):
+            if from_a_page(request):
+                raise ApiError(403, "ORIGIN_NOT_ALLOWED",
+                               "admin routes do not answer web pages while no admin token is "
+                               "configured: set GATEWAY_ADMIN_TOKEN or --admin-token-file")
+            raise ApiError(403, "HOST_NOT_ALLOWED",
+                           "without an admin token, admin routes answer only requests whose "
+                           "Host is a loopback name or the --public-url host")
         if self._token is None:
             raise ApiError(403, "ADMIN_LOCAL_ONLY",
                            "this endpoint answers clients on this machine only until an admin "

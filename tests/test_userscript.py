@@ -270,6 +270,9 @@ def test_hostile_forwarded_headers_are_400_when_trusted(headers, code):
 # --- the route, over a real socket ---
 
 
+HOST_TEST_TOKEN = "host-test-admin-token-0123"
+
+
 def raw_get(port: int, target: str, headers: list[tuple[str, str]]) -> tuple[int, bytes]:
     """A GET with exactly these header bytes (treq would fix up a bad Host).
 
@@ -348,19 +351,23 @@ async def test_route_refuses_a_bad_session_name(gateway_factory, query):
                                   "gw.example/x", "gw.example:123456"])
 @pytest_twisted.ensureDeferred
 async def test_route_refuses_a_hostile_host_header(gateway_factory, host):
-    gw = await gateway_factory()
+    # With a token the Host may name the gateway however DNS does (without one, only
+    # loopback names are served at all); the script still never carries a hostile one.
+    gw = await gateway_factory(admin_token=HOST_TEST_TOKEN)
     status, body = await deferToThread(
-        raw_get, port_of(gw), "/userscript/generate?session_name=team-alpha", [("Host", host)])
+        raw_get, port_of(gw), "/userscript/generate?session_name=team-alpha",
+        [("Host", host), ("Authorization", f"Bearer {HOST_TEST_TOKEN}")])
     assert status == 400
     assert json.loads(body)["error"]["code"] == "INVALID_HOST"
 
 
 @pytest_twisted.ensureDeferred
 async def test_route_ignores_forwarded_headers_without_trust(gateway_factory):
-    gw = await gateway_factory()
+    gw = await gateway_factory(admin_token=HOST_TEST_TOKEN)
     status, body = await deferToThread(
         raw_get, port_of(gw), "/userscript/generate?session_name=team-alpha",
-        [("Host", "gw.example:8080"), ("X-Forwarded-Host", 'evil.example"</script>'),
+        [("Host", "gw.example:8080"), ("Authorization", f"Bearer {HOST_TEST_TOKEN}"),
+         ("X-Forwarded-Host", 'evil.example"</script>'),
          ("X-Forwarded-Proto", "https")])
     assert status == 200
     text = body.decode()
