@@ -63,6 +63,8 @@ class GatewayConfig:
     api_keys: str | None = field(default=None, repr=False)  # GATEWAY_API_KEYS, inline
     bridge_allow: tuple[str, ...] = ()  # empty: the default bridge's host and loopback
     max_sessions_per_domain: int = 1000
+    header_timeout: float = 10.0
+    max_connections: int = 0  # 0: from the open-files limit, two descriptors a connection
     secret_file: str | None = None  # None: registration.secret beside the store
     # Where each value came from (an option or a variable), for errors found later.
     sources: dict = field(factory=dict, eq=False, repr=False)
@@ -309,6 +311,12 @@ def _parse_count(value: str) -> int:
     return int(value)
 
 
+def _parse_nonneg_count(value: str) -> int:
+    if not value.strip().isdigit():
+        raise ValueError(f"{value!r} is not a whole number >= 0")
+    return int(value)
+
+
 def _parse_secret_file(value: str) -> str | None:
     if not value:
         return None
@@ -383,6 +391,11 @@ SETTINGS = (
             "[default: the default bridge's host and loopback]"),
     Setting("max_sessions_per_domain", "max-sessions-per-domain",
             "GATEWAY_MAX_SESSIONS_PER_DOMAIN", _parse_count, "Most sessions one domain may hold"),
+    Setting("header_timeout", "header-timeout", "GATEWAY_HEADER_TIMEOUT", _parse_positive,
+            "Seconds a request's headers may take after its first byte (then 408)"),
+    Setting("max_connections", "max-connections", "GATEWAY_MAX_CONNECTIONS", _parse_nonneg_count,
+            "Most client connections open at once; past it the oldest idle or slow one is "
+            "closed, or with none, the new one gets 503 (0: half the open-files limit)"),
     Setting("secret_file", "secret-file", "GATEWAY_SECRET_FILE", _parse_secret_file,
             "Registration token secret, created on first start "
             "[default: registration.secret beside the store]"),

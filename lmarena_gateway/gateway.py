@@ -18,6 +18,7 @@ from werkzeug.routing import PathConverter
 from zope.interface import implementer
 
 from . import __version__
+from .connections import ConnectionLimits, connections_for_open_files
 from .errors import ApiError, parse_json, render_error, write_json
 from .metrics import Metrics
 from .proxy import Proxy, request_id
@@ -420,8 +421,9 @@ class GatewayRequest(Request):
         super().handleContentChunk(data)
 
 
-class GatewaySite(Site):
-    """Our own request log replaces twisted.web's access log; tighter header limits."""
+class GatewaySite(ConnectionLimits, Site):
+    """Our own request log replaces twisted.web's access log; tighter header limits,
+    a header deadline and a connection cap (see :mod:`lmarena_gateway.connections`)."""
 
     requestFactory = GatewayRequest
     max_headers = 100
@@ -432,12 +434,16 @@ class GatewaySite(Site):
         # email parser on every POST's Content-Type to find one: 10 % of the CPU of
         # chat at concurrency 50 (bench/profile.py).
         kwargs.setdefault("parsePOSTFormSubmission", False)
-        super().__init__(resource, **kwargs)
+        Site.__init__(self, resource, **kwargs)
+        ConnectionLimits.__init__(self)
 
     def log(self, request) -> None:
         pass
 
     def buildProtocol(self, addr):
+        refusal = self.make_room()
+        if refusal is not None:
+            return refusal
         protocol = super().buildProtocol(addr)
         # twisted.web wraps the HTTP/1.1 channel to negotiate HTTP/2; the limits live inside.
         channel = getattr(protocol, "_channel", protocol)
@@ -452,4 +458,14 @@ def make_site(gateway: Gateway) -> GatewaySite:
     site.requestFactory = type("Request", (GatewayRequest,), {  # type: ignore[assignment]
         "body_cap": max(gateway.config.max_body, MAX_SESSION_BODY)})
     site.displayTracebacks = False
+    site.header_timeout = gateway.config.header_timeout
+    site.max_connections = gateway.config.max_connections or connections_for_open_files(
+        _open_files_limit())
     return site
+
+
+def _open_files_limit() -> int:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
