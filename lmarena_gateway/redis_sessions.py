@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+from importlib.resources import files
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import txredisapi
@@ -34,93 +35,16 @@ from .store import SessionFile
 BATCH = 500
 REDIS_ERRORS = (txredisapi.RedisError, CancelledError, TwistedTimeout, ConnectionError)
 
-# KEYS: sessions hash, activity zset, rev counter. ARGV[1]: the channel.
-_ANNOUNCE = """
-local function announce(field, value)
-  local rev = redis.call('INCR', KEYS[3])
-  redis.call('PUBLISH', ARGV[1], rev .. '\\n' .. field .. '\\n' .. value)
-  return rev
-end
-local function raise_score(field, score)
-  local current = redis.call('ZSCORE', KEYS[2], field)
-  if (not current) or tonumber(current) < score then
-    redis.call('ZADD', KEYS[2], score, field)
-  end
-end
-"""
-# ARGV: field, new record JSON, now, keep_bridge ("1"/"0"). As Registration.record: an
-# update keeps created_at and last_used_at, and with keep_bridge the bridge, key, aliases.
-UPSERT = _ANNOUNCE + """
-local value = ARGV[3]
-local old = redis.call('HGET', KEYS[1], ARGV[2])
-if old then
-  local ok, was = pcall(cjson.decode, old)
-  if ok and type(was) == 'table' then
-    local new = cjson.decode(value)
-    new.created_at = was.created_at
-    new.last_used_at = was.last_used_at
-    if ARGV[5] == '1' then
-      new.bridge_base_url = was.bridge_base_url
-      new.bridge_api_key = was.bridge_api_key
-      new.models = was.models
-    end
-    value = cjson.encode(new)
-  end
-end
-redis.call('HSET', KEYS[1], ARGV[2], value)
-raise_score(ARGV[2], tonumber(ARGV[4]))
-return {announce(ARGV[2], value), value}
-"""
-# ARGV: field, record JSON, last activity: the record exactly as given (import).
-PUT = _ANNOUNCE + """
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
-redis.call('ZADD', KEYS[2], tonumber(ARGV[4]), ARGV[2])
-return announce(ARGV[2], ARGV[3])
-"""
-# ARGV: field. Returns the change's rev, or 0 when there was no such session.
-DELETE = _ANNOUNCE + """
-redis.call('ZREM', KEYS[2], ARGV[2])
-if redis.call('HDEL', KEYS[1], ARGV[2]) == 0 then return 0 end
-return announce(ARGV[2], '')
-"""
-# ARGV: (field, ISO time, epoch time)...; only ever moves last_used_at forward.
-TOUCH = _ANNOUNCE + """
-local changed = 0
-for i = 2, #ARGV, 3 do
-  local old = redis.call('HGET', KEYS[1], ARGV[i])
-  local ok, record = false, nil
-  if old then ok, record = pcall(cjson.decode, old) end
-  if ok and type(record) == 'table'
-      and (type(record.last_used_at) ~= 'string' or record.last_used_at < ARGV[i + 1]) then
-    record.last_used_at = ARGV[i + 1]
-    local value = cjson.encode(record)
-    redis.call('HSET', KEYS[1], ARGV[i], value)
-    raise_score(ARGV[i], tonumber(ARGV[i + 2]))
-    announce(ARGV[i], value)
-    changed = changed + 1
-  end
-end
-return changed
-"""
-# ARGV: cutoff, candidate fields... Removes those still idle since before the cutoff,
-# so instances pruning at once each remove a session at most once between them.
-PRUNE = _ANNOUNCE + """
-local removed = {}
-local cutoff = tonumber(ARGV[2])
-for i = 3, #ARGV do
-  local score = redis.call('ZSCORE', KEYS[2], ARGV[i])
-  if score and tonumber(score) < cutoff then
-    redis.call('ZREM', KEYS[2], ARGV[i])
-    local old = redis.call('HGET', KEYS[1], ARGV[i])
-    if old then
-      redis.call('HDEL', KEYS[1], ARGV[i])
-      removed[#removed + 1] = announce(ARGV[i], '')
-      removed[#removed + 1] = old
-    end
-  end
-end
-return removed
-"""
+
+
+def _lua(name: str) -> str:
+    """A script from lmarena_gateway/lua/, each prefixed with the shared announce.lua."""
+    folder = files("lmarena_gateway").joinpath("lua")
+    return folder.joinpath("announce.lua").read_text() + folder.joinpath(f"{name}.lua").read_text()
+
+
+# Every change is one atomic script that announces itself on the channel.
+UPSERT, PUT, DELETE, TOUCH, PRUNE = (_lua(n) for n in ("upsert", "put", "delete", "touch", "prune"))
 
 
 @frozen

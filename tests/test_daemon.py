@@ -120,6 +120,16 @@ def test_wheel_holds_the_plugin_and_no_twisted_package(wheelhouse):
         "lmarena_gateway", "twisted", f"lmarena_gateway-{__version__}.dist-info"}
 
 
+def test_wheel_holds_every_package_data_file(wheelhouse):
+    """Code that is not Python (Lua, JavaScript, HTML) ships beside the modules that read it."""
+    names = set(zipfile.ZipFile(the_wheel(wheelhouse)).namelist())
+    package = Path(__file__).resolve().parent.parent / "lmarena_gateway"
+    data = {f"lmarena_gateway/{p.relative_to(package)}" for p in package.rglob("*")
+            if p.is_file() and p.suffix in (".lua", ".js", ".html", ".css")}
+    assert data and {"lmarena_gateway/lua/announce.lua", "lmarena_gateway/lua/upsert.lua"} <= data
+    assert data <= names, sorted(data - names)
+
+
 def test_twistd_in_a_fresh_venv_finds_the_plugin(fresh_venv, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     twistd = str(fresh_venv / "bin" / "twistd")
