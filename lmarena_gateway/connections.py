@@ -11,9 +11,11 @@ connection is busy serving is a new one refused, with a 503 in the envelope.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 
 from .errors import ApiError
@@ -37,6 +39,7 @@ def connections_for_open_files(soft_limit: int) -> int:
 class GatewayChannel(HTTPChannel):
     """An HTTP/1.1 channel whose request headers have a deadline."""
 
+    transport: Any
     header_timeout = 10.0
     _deadline = None
     _serving = False  # between a request's last header and the end of its answer
@@ -83,7 +86,7 @@ class GatewayChannel(HTTPChannel):
         self._cancel_deadline()
         self.transport.abortConnection()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
         self.factory.connection_closed(self)
         super().connectionLost(reason)
@@ -91,6 +94,8 @@ class GatewayChannel(HTTPChannel):
 
 class _Busy(Protocol):
     """Every connection is serving a request: say so, and hang up."""
+
+    transport: Any
 
     def connectionMade(self) -> None:
         self.transport.write(_raw_response(b"503 Service Unavailable", ApiError(
@@ -110,7 +115,7 @@ class ConnectionLimits:
         self.refused = 0
         self.evicted = 0
 
-    def protocol(self):  # type: ignore[override]
+    def protocol(self):  # Factory.protocol is a class; this builds a channel instead
         channel = GatewayChannel()
         channel.header_timeout = self.header_timeout
         return _GenericHTTPChannelProtocol(channel)

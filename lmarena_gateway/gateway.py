@@ -421,7 +421,7 @@ class GatewayRequest(Request):
         super().handleContentChunk(data)
 
 
-class GatewaySite(ConnectionLimits, Site):
+class GatewaySite(ConnectionLimits, Site):  # type: ignore[misc]  # protocol: see connections
     """Our own request log replaces twisted.web's access log; tighter header limits,
     a header deadline and a connection cap (see :mod:`lmarena_gateway.connections`)."""
 

@@ -13,6 +13,7 @@ import hmac
 import ipaddress
 import re
 import signal
+from typing import Any
 from urllib.parse import urlsplit
 
 from attrs import frozen
@@ -313,7 +314,7 @@ class SighupReloader(Service):
         self.keys = keys
         self.admin = admin
         self.admin_token_file = admin_token_file
-        self._previous = None
+        self._previous: Any = None  # the SIGHUP handler we replaced
 
     def startService(self) -> None:
         super().startService()
@@ -349,6 +350,8 @@ class SighupReloader(Service):
 
     def _reload_admin_token(self):
         from twisted.internet.threads import deferToThread
+
+        assert self.admin_token_file is not None  # only called when one is set
 
         from .config import _read_admin_token_file
 

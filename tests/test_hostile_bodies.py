@@ -10,9 +10,10 @@ import pytest
 import pytest_twisted
 from twisted.logger import globalLogPublisher
 
+from lmarena_gateway.gateway import Gateway
+
 from bridges import ErrorBridge
 from conftest import SESSION, call
-from lmarena_gateway.gateway import Gateway
 
 DEEP_ARRAY = b"[" * 1500 + b"]" * 1500  # 3 KiB
 DEEP_OBJECT = b'{"a":' * 1500 + b"1" + b"}" * 1500
