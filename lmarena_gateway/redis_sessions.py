@@ -48,6 +48,22 @@ UPSERT, PUT, DELETE, TOUCH, PRUNE = (_lua(n) for n in ("upsert", "put", "delete"
 
 
 @frozen
+class RedisKeys:
+    """The three keys every script gets, in the order they name them (KEYS[1..3])."""
+
+    sessions: str  # hash: domain/session_name -> record JSON
+    activity: str  # zset: domain/session_name scored by its latest activity
+    rev: str  # counter: the number of the latest change
+
+    @classmethod
+    def under(cls, prefix: str) -> RedisKeys:
+        return cls(prefix + "sessions", prefix + "activity", prefix + "rev")
+
+    def __iter__(self):
+        return iter((self.sessions, self.activity, self.rev))
+
+
+@frozen
 class RedisAddress:
     """Where the Redis server is: ``redis://``, ``rediss://`` (TLS) or ``unix://``."""
 
@@ -146,7 +162,7 @@ class RedisSessions:
         self.timeout = timeout
         self.clock = clock
         self.prefix = prefix
-        self.keys = [prefix + "sessions", prefix + "activity", prefix + "rev"]
+        self.keys = RedisKeys.under(prefix)
         self.channel = f"{prefix}changes:{address.db}"
 
     @property
@@ -184,7 +200,7 @@ class RedisSessions:
         return self._call("execute_command", *args)
 
     def script(self, source: str, *args) -> Deferred:
-        return self._call("eval", source, self.keys, [self.channel, *args])
+        return self._call("eval", source, list(self.keys), [self.channel, *args])
 
     def upsert(self, registration: Registration, now: float) -> Deferred:
         record = registration.record(now, None)
@@ -212,7 +228,7 @@ class RedisSessions:
         removed = []
         for start in range(0, 1 << 30, BATCH):  # bounded: each round shrinks the candidates
             if keys is None:
-                batch = yield self.command("ZRANGEBYSCORE", self.keys[1], "-inf",
+                batch = yield self.command("ZRANGEBYSCORE", self.keys.activity, "-inf",
                                            f"({cutoff!r}", "LIMIT", 0, BATCH)
             else:
                 batch = keys[start:start + BATCH]
@@ -231,7 +247,7 @@ class RedisSessions:
         """({key: record}, [unreadable keys]), read a batch at a time with HSCAN."""
         records, broken, cursor = {}, [], "0"
         for _ in range(1 << 30):  # HSCAN ends with cursor 0; bounded all the same
-            cursor, flat = yield self.command("HSCAN", self.keys[0], cursor, "COUNT", BATCH)
+            cursor, flat = yield self.command("HSCAN", self.keys.sessions, cursor, "COUNT", BATCH)
             for key, value in zip(flat[::2], flat[1::2], strict=True):
                 try:
                     records[key] = decode(value)
@@ -244,7 +260,7 @@ class RedisSessions:
     @inlineCallbacks
     def size(self):
         total = 0
-        for key in self.keys[:2]:
+        for key in (self.keys.sessions, self.keys.activity):
             total += (yield self.command("MEMORY", "USAGE", key)) or 0
         return total
 

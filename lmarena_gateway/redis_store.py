@@ -219,7 +219,7 @@ class RedisSessionStore(CachedSessions, Service):
             # The subscription may be back before the command connection is.
             yield self.sessions.wait_connected()
             # Every change up to this rev is in what load() reads; later ones are heard.
-            rev = int((yield self.sessions.command("GET", self.sessions.keys[2])) or 0)
+            rev = int((yield self.sessions.command("GET", self.sessions.keys.rev)) or 0)
             records, broken = yield self.sessions.load()
         except Exception as e:
             self._error = f"reload failed: {e}"
