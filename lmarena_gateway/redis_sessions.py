@@ -29,8 +29,15 @@ from twisted.internet.error import TimeoutError as TwistedTimeout
 
 from .config import is_redis_storage
 from .errors import ApiError, retry_after
-from .sessions import Registration, SessionRecord, iso, record_is_valid, session_key
-from .store import SessionFile
+from .sessions import (
+    Registration,
+    SessionRecord,
+    decode_record,
+    encode_record,
+    iso,
+    record_is_valid,
+    session_key,
+)
 
 BATCH = 500
 REDIS_ERRORS = (txredisapi.RedisError, CancelledError, TwistedTimeout, ConnectionError)
@@ -132,14 +139,8 @@ def parse_address(url: str) -> RedisAddress:
     return RedisAddress(parts.scheme, db=int(db or 0), **address, **common)
 
 
-def encode(record: SessionRecord) -> tuple[str, str]:
-    """(field, JSON): exactly what the file store writes, so both hold the same records."""
-    key, value = SessionFile._encode(record)
-    return key.decode(), value.decode()
-
-
-def decode(value: str) -> SessionRecord:
-    return SessionFile._decode(b"", value.encode())
+encode = encode_record  # (field, JSON): what the file store writes, too
+decode = decode_record
 
 
 RECONNECT_MAX_DELAY = 2.0

@@ -29,15 +29,15 @@ class _ChangeListener(txredisapi.SubscriberProtocol):
     """The subscription; the store it serves is ``factory.store``."""
 
     def connectionMade(self):
-        self.whenConnected().addCallback(lambda _: self.factory.store._subscriber_ready(self))
+        self.whenConnected().addCallback(lambda _: self.factory.store.subscriber_ready(self))
         return super().connectionMade()
 
     def messageReceived(self, pattern, channel, message):
-        self.factory.store._changed(message)
+        self.factory.store.changed(message)
 
     def connectionLost(self, why):
         super().connectionLost(why)
-        self.factory.store._subscriber_lost(self)
+        self.factory.store.subscriber_lost(self)
 
 
 @implementer(ISessionStore)
@@ -181,7 +181,9 @@ class RedisSessionStore(CachedSessions, Service):
         self._cache[key] = record
         return record
 
-    def _changed(self, message: str) -> None:
+    # --- the change listener's callbacks: the subscriber protocol calls these ---
+
+    def changed(self, message: str) -> None:
         try:
             rev, key, value = message.split("\n", 2)
             change = (int(rev), key, decode(value) if value else None)
@@ -193,7 +195,7 @@ class RedisSessionStore(CachedSessions, Service):
             self._syncing.append(change)
         self._apply(*change)
 
-    def _subscriber_ready(self, protocol) -> None:
+    def subscriber_ready(self, protocol) -> None:
         def subscribed(_):
             self._subscriber = protocol
             return self._reload()
@@ -201,7 +203,7 @@ class RedisSessionStore(CachedSessions, Service):
         protocol.subscribe(self.sessions.channel).addCallback(subscribed).addErrback(
             lambda f: log.warn("session store: cannot subscribe: {why}", why=f.getErrorMessage()))
 
-    def _subscriber_lost(self, protocol) -> None:
+    def subscriber_lost(self, protocol) -> None:
         if protocol is self._subscriber:
             self._subscriber = None
             self._in_sync = False

@@ -6,6 +6,7 @@ The API, the CLI's ``import`` and every store backend validate through
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timezone
 from typing import Mapping
@@ -250,3 +251,17 @@ def record_is_valid(record: SessionRecord, domains) -> bool:
     except ApiError:
         return False
     return True
+
+
+def encode_record(record: SessionRecord) -> tuple[str, str]:
+    """(key, JSON): how every store holds a record, so the file and Redis hold the same."""
+    data = record.to_json()
+    data["domain"] = record.domain
+    data["session_name"] = record.session_name
+    return record.key, json.dumps(data, sort_keys=True)
+
+
+def decode_record(value: str | bytes) -> SessionRecord:
+    """The record :func:`encode_record` wrote; ValueError, KeyError or TypeError if broken."""
+    data = json.loads(value)
+    return SessionRecord.from_json(data["domain"], data["session_name"], data)

@@ -7,7 +7,6 @@ one-thread pool, one at a time, and a write is acknowledged only once committed.
 from __future__ import annotations
 
 import gc
-import json
 import os
 from collections import Counter
 from typing import Iterable
@@ -21,7 +20,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import Attribute, Interface, implementer
 
 from . import sqlitedbm
-from .sessions import Registration, SessionRecord, iso, session_key
+from .sessions import Registration, SessionRecord, decode_record, encode_record, iso, session_key
 
 PRUNE_BATCH = 1000
 
@@ -63,32 +62,20 @@ class SessionFile:
     def close(self) -> None:
         self.db.close()
 
-    @staticmethod
-    def _decode(key: bytes, value: bytes) -> SessionRecord:
-        data = json.loads(value)
-        return SessionRecord.from_json(data["domain"], data["session_name"], data)
-
-    @staticmethod
-    def _encode(record: SessionRecord) -> tuple[bytes, bytes]:
-        data = record.to_json()
-        data["domain"] = record.domain
-        data["session_name"] = record.session_name
-        return record.key.encode(), json.dumps(data, sort_keys=True).encode()
-
     def _get(self, key: str) -> SessionRecord | None:
         value = self.db.get(key)
-        return None if value is None else self._decode(key.encode(), value)
+        return None if value is None else decode_record(value)
 
     def write(self, record: SessionRecord) -> None:
-        key, value = self._encode(record)
-        self.db[key] = value
+        key, value = encode_record(record)
+        self.db[key] = value.encode()
 
     def load(self) -> tuple[dict[str, SessionRecord], list[str]]:
         """Every readable record, and the keys of those that could not be read."""
         records, broken = {}, []
         for key, value in self.db.items():
             try:
-                record = self._decode(key, value)
+                record = decode_record(value)
             except (ValueError, KeyError, TypeError):
                 broken.append(key.decode(errors="replace"))
                 continue
