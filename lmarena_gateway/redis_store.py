@@ -175,10 +175,7 @@ class RedisSessionStore(CachedSessions, Service):
         if record is None:
             self._cache.pop(key, None)
             return None
-        used = self._used.get(key)
-        if used is not None and (record.last_used_at or 0) < used:
-            record = record.touched(used)
-        self._cache[key] = record
+        record = self._cache[key] = self.with_pending_use(record)
         return record
 
     # --- the change listener's callbacks: the subscriber protocol calls these ---

@@ -180,6 +180,13 @@ class CachedSessions:
             self._cache[key] = record.touched(now)
             self._used[key] = float(int(now))
 
+    def with_pending_use(self, record: SessionRecord) -> SessionRecord:
+        """``record`` as read from storage, plus a use noted here and not saved yet."""
+        used = self._used.get(record.key)
+        if used is not None and (record.last_used_at or 0) < used:
+            return record.touched(used)
+        return record
+
 
 @implementer(ISessionStore)
 class DBMSessionStore(CachedSessions, Service):
@@ -282,10 +289,7 @@ class DBMSessionStore(CachedSessions, Service):
         return dict(pruned)
 
     def _remember(self, record: SessionRecord) -> None:
-        used = self._used.get(record.key)
-        if used is not None and (record.last_used_at or 0) < used:
-            record = record.touched(used)
-        self._cache[record.key] = record
+        self._cache[record.key] = self.with_pending_use(record)
 
     # --- changes made by other processes (the CLI, another daemon) ---
 
@@ -307,10 +311,9 @@ class DBMSessionStore(CachedSessions, Service):
             if result is None:
                 return
             self._version, records = result
-            for key, used in list(self._used.items()):
-                record = records.get(key)
-                if record is not None and (record.last_used_at or 0) < used:
-                    records[key] = record.touched(used)
+            for key in list(self._used):
+                if key in records:
+                    records[key] = self.with_pending_use(records[key])
             self._cache = records
             gc.freeze()  # as at startup, without a collection on the reactor
 
