@@ -44,7 +44,7 @@ def cmd_stats(store: SessionFile, args, config, out) -> int:
     print(f"total\t{stats['total']}", file=out)
     if broken:
         print(f"unreadable\t{len(broken)}", file=out)
-    backend = getattr(store, "backend", "sqlite-dbm")
+    backend = store.backend
     print(f"store\t{store.path}\t{store.size()} bytes\tbackend {backend}", file=out)
     return 0
 

@@ -26,6 +26,7 @@ from attrs import field, frozen
 from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.error import TimeoutError as TwistedTimeout
+from zope.interface import implementer
 
 from .config import is_redis_storage
 from .errors import ApiError, retry_after
@@ -38,6 +39,7 @@ from .sessions import (
     record_is_valid,
     session_key,
 )
+from .store import ISessionTable
 
 BATCH = 500
 REDIS_ERRORS = (txredisapi.RedisError, CancelledError, TwistedTimeout, ConnectionError)
@@ -290,6 +292,7 @@ def connect(address: RedisAddress, reactor, *, timeout: float, subscriber=None,
 
 
 
+@implementer(ISessionTable)
 class RedisSessionFile:
     """SessionFile's synchronous face over Redis, for the CLI commands.
 

@@ -11,7 +11,7 @@ import os
 from collections import Counter
 from typing import Iterable
 
-from twisted.application.service import Service
+from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -25,8 +25,11 @@ from .sessions import Registration, SessionRecord, decode_record, encode_record,
 PRUNE_BATCH = 1000
 
 
-class ISessionStore(Interface):
-    """What the gateway needs from a session store, whatever holds the data."""
+class ISessionStore(IService):
+    """What the gateway needs from a session store, whatever holds the data.
+
+    It is a service: make_service starts it before the listeners and stops it after.
+    """
 
     backend = Attribute("A short name for the backend, shown by stats and /health.")
 
@@ -52,8 +55,36 @@ class ISessionStore(Interface):
         """{"backend": ..., "status": "ok" | "degraded", ...} for /health."""
 
 
+class ISessionTable(Interface):
+    """The blocking face of a store, for the CLI: each call waits for its answer."""
+
+    backend = Attribute("A short name for the backend, as ISessionStore.backend.")
+    path = Attribute("Where the data is, for messages: a file, or a Redis address.")
+
+    def load() -> tuple[dict[str, SessionRecord], list[str]]:
+        """Every readable record by key, and the keys of those that could not be read."""
+
+    def put(record: SessionRecord) -> None:
+        """Store the record exactly as given (import)."""
+
+    def delete(domain: str, name: str) -> bool:
+        """True once removed, False if there was no such session."""
+
+    def prune(cutoff: float, candidates: Iterable[SessionRecord]) -> list[SessionRecord]:
+        """Remove those candidates still idle since before ``cutoff``; the removed ones."""
+
+    def size() -> int:
+        """Bytes the data takes."""
+
+    def close() -> None:
+        """Release the file or connection."""
+
+
+@implementer(ISessionTable)
 class SessionFile:
     """Synchronous operations on one store file: run in the store's thread, or by the CLI."""
+
+    backend = "sqlite-dbm"
 
     def __init__(self, path: str, flag: str = "c") -> None:
         self.path = path
