@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import zipfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -194,12 +193,10 @@ def test_daemon_serves_health_and_stops_cleanly_on_sigterm(daemon_factory):
     assert body["time"].endswith("Z") and when.utcoffset() == timedelta(0)
     assert abs(datetime.now(timezone.utc) - when) < timedelta(minutes=1)
 
-    started = time.monotonic()
     status = stop_with_sigterm(daemon.process, within=5)
     # twistd shuts down in order, then ends itself with the signal it got (so a
     # supervisor sees "killed by SIGTERM", which systemd counts as a clean stop).
     assert status == -signal.SIGTERM
-    assert time.monotonic() - started < 5
     log = daemon.log()
     for line in CLEAN_SHUTDOWN:
         assert line in log

@@ -76,9 +76,8 @@ async def test_client_disconnect_cancels_the_bridge_request(gateway_factory, lis
     held.write(event("x"))
     await collector.chunks.get()
     collector.transport.stopProducing()  # the client goes away
-    started = reactor.seconds()
-    assert await held.gone is True  # the bridge side saw its connection closed
-    assert reactor.seconds() - started < 1.0
+    # the bridge side sees its connection closed (a generous deadline: it is immediate)
+    assert await held.gone.addTimeout(10, reactor) is True
 
 
 @pytest_twisted.ensureDeferred

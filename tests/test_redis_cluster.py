@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import openai
@@ -97,16 +96,12 @@ def test_registered_on_one_instance_streamed_through_the_other(
     wait_for(lambda: "team-alpha" in names(b), 1.0, 0.005, "B to see A's registration")
     assert stream_chat(b, "team-alpha") == TEXT
 
-    # a delete through B is seen by A within a second; measured over a few rounds
-    waits = []
+    # a delete through B is seen by A (bench/redis_invalidation.py measures how fast)
     for i in range(10):
         assert register(a, f"gone{i}")[0] == 200
-        wait_for(lambda i=i: f"gone{i}" in names(b), 1.0, 0.002, "the registration on B")
+        wait_for(lambda i=i: f"gone{i}" in names(b), 10, 0.005, "the registration on B")
         assert http("DELETE", f"{b.url}/session/lmarena.ai/gone{i}")[0] == 200
-        started = time.monotonic()
-        wait_for(lambda i=i: f"gone{i}" not in names(a), 1.0, 0.002, "the deletion on A")
-        waits.append(time.monotonic() - started)
-    print(f"\ndelete through B -> gone from A's list: max {max(waits) * 1000:.1f} ms")
+        wait_for(lambda i=i: f"gone{i}" not in names(a), 10, 0.005, "the deletion on A")
     status, _, body = http("POST", a.url + "/v1/chat/completions",
                            {"model": "m", "messages": [{"role": "user", "content": "x"}]},
                            {"X-Session-Name": "gone0"})

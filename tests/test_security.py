@@ -222,7 +222,7 @@ async def test_revoke_one_name(gateway_factory, reactor):
 
     started = reactor.seconds()
     while await status_with("team-alpha", alpha) != 403:
-        assert reactor.seconds() - started < 3, "revocation not seen"
+        assert reactor.seconds() - started < 15, "revocation not seen"
         await deferLater(reactor, 0.05, lambda: None)
     assert await status_with("team-beta", beta) == 200
     fresh = await script_token(gw, "team-alpha")

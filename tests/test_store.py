@@ -4,7 +4,6 @@ import json
 import sqlite3
 import subprocess
 import threading
-import time
 
 import pytest
 import pytest_twisted
@@ -221,14 +220,12 @@ def test_cli_and_daemon_share_the_store(daemon_factory, tmp_path):
     source = tmp_path / "import.json"
     source.write_text(json.dumps(data))
     assert cli("import", str(source), storage=daemon.storage).returncode == 0
-    started = time.monotonic()
 
     def seen():
         _, _, listing = http("GET", daemon.url + "/session/list?domain=lmarena.ai")
         return "from-cli" in listing["domains"]["lmarena.ai"]
 
-    wait_for(seen, 5, interval=0.02, what="the daemon to see the CLI's import")
-    assert time.monotonic() - started < 1.0
+    wait_for(seen, 10, interval=0.02, what="the daemon to see the CLI's import")
 
     # and the daemon's change is seen by the CLI at once
     assert http("DELETE", daemon.url + "/session/lmarena.ai/from-api")[0] == 200
