@@ -331,3 +331,49 @@ async def test_vary_origin_on_every_response_when_origins_are_listed(gateway_fac
     star = await gateway_factory(cors_origins=("*",))
     _, headers, _ = await call("GET", star.url + "/health", None, {"Origin": "https://a.example"})
     assert header(headers, "vary") is None  # "*" does not vary
+
+
+# --- what the README and docs say is true ---
+
+
+def _doc_texts():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    return {path.name: path.read_text() for path in [root / "README.rst",
+                                                     *sorted((root / "docs").glob("*.rst"))]}
+
+
+def test_docs_name_no_machine_specific_paths():
+    import re
+
+    for name, text in _doc_texts().items():
+        assert not re.search(r"/(tmp|work|home|root|Users)/\w", text), name
+
+
+def test_readme_sample_output_is_what_the_fake_bridge_sends():
+    from lmarena_gateway.fakebridge import TEXT, split_text
+
+    readme = _doc_texts()["README.rst"]
+    first = split_text(TEXT, 8)[0]  # the CLI's default --chunks
+    assert f'"content": "{first}"' in readme
+    assert "fake bridge listening on http://127.0.0.1:5102" in readme
+
+
+def test_the_error_table_gives_the_status_a_wrong_admin_token_gets():
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from lmarena_gateway.errors import ApiError
+    from lmarena_gateway.security import AdminAuth
+
+    api = _doc_texts()["api.rst"]
+    row = api[api.index("``ADMIN_TOKEN_INVALID``"):][:200]
+    statuses = set()
+    for allow_basic in (False, True):
+        request = DummyRequest([b"session", b"list"])
+        request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer wrong-token-0123456"])
+        with pytest.raises(ApiError) as refused:
+            AdminAuth("right-token-0123456789ab").require(request, allow_basic=allow_basic)
+        assert refused.value.code == "ADMIN_TOKEN_INVALID"
+        statuses.add(str(refused.value.status))
+    assert "/".join(sorted(statuses, reverse=True)) in row  # "403/401"
