@@ -225,6 +225,12 @@ def _parser() -> argparse.ArgumentParser:
     fake.add_argument("--chunks", type=int, default=8, metavar="N")
     fake.add_argument("--delay-ms", type=float, default=50.0, metavar="D")
     fake.add_argument("--api-key", default=None, help="require this bearer key")
+    arena = commands.add_parser("fake-arena", help="stand in for arena.ai: a page with models and "
+                                "a reCAPTCHA stub, and the two streaming calls with their checks")
+    arena.add_argument("--listen", default="tcp:8443:interface=127.0.0.1", metavar="ENDPOINT",
+                       help="e.g. ssl:8443:interface=127.0.0.1:privateKey=key.pem:certKey=cert.pem")
+    arena.add_argument("--chunks", type=int, default=6, metavar="N")
+    arena.add_argument("--delay-ms", type=float, default=20.0, metavar="D")
     return parser
 
 
@@ -236,6 +242,10 @@ def main(argv=None, environ=None, out=None) -> int:
         from .fakebridge import main as fake_main
 
         return fake_main(args.listen, args.chunks, args.delay_ms, args.api_key)
+    if args.command == "fake-arena":
+        from .fakearena import main as arena_main
+
+        return arena_main(args.listen, args.delay_ms, args.chunks)
     if args.command == "revoke":
         return cmd_revoke(args, environ, out)
     try:

@@ -66,6 +66,11 @@ class GatewayConfig:
     header_timeout: float = 10.0
     max_connections: int = 0  # 0: from the open-files limit, two descriptors a connection
     secret_file: str | None = None  # None: registration.secret beside the store
+    tab_queue: int = 4  # requests that may wait for a busy session's tabs
+    tab_poll_timeout: float = 25.0
+    # (requested domain, tab domain): a request for the first may be served by a tab on
+    # the second (lmarena.ai redirects to arena.ai, so PHP-era clients ask for lmarena.ai)
+    tab_pairs: tuple[tuple[str, str], ...] = (("lmarena.ai", "arena.ai"),)
     # Where each value came from (an option or a variable), for errors found later.
     sources: dict = field(factory=dict, eq=False, repr=False)
 
@@ -74,6 +79,10 @@ class GatewayConfig:
         if self.bridge_allow:
             return self.bridge_allow
         return ((urlsplit(self.bridge_url).hostname or "").lower(), "loopback")
+
+    def tab_pairs_for(self, domain: str) -> tuple[str, ...]:
+        """The other domains whose tabs may serve a request for ``domain``."""
+        return tuple(b for a, b in self.tab_pairs if a == domain and b in self.domains)
 
     @property
     def registration_secret_file(self) -> str:
@@ -326,6 +335,23 @@ def _parse_secret_file(value: str) -> str | None:
     return value
 
 
+def _parse_queue(value: str) -> int:
+    if not value.strip().isdigit():
+        raise ValueError(f"{value!r} is not a whole number >= 0")
+    return int(value)
+
+
+def _parse_pairs(value: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for entry in _split(value):
+        asked, _, tab = entry.lower().partition("=")
+        if not (_DOMAIN.match(asked) and _DOMAIN.match(tab)) or asked == tab:
+            raise ValueError(f"{entry!r} is not REQUESTED=TAB, two different host names "
+                             "(e.g. lmarena.ai=arena.ai)")
+        pairs.append((asked, tab))
+    return tuple(pairs)
+
+
 def parse_bool(value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -399,6 +425,13 @@ SETTINGS = (
     Setting("secret_file", "secret-file", "GATEWAY_SECRET_FILE", _parse_secret_file,
             "Registration token secret, created on first start "
             "[default: registration.secret beside the store]"),
+    Setting("tab_queue", "tab-queue", "GATEWAY_TAB_QUEUE", _parse_queue,
+            "Requests that may wait while every tab of a session is busy; more get 429"),
+    Setting("tab_poll_timeout", "tab-poll-timeout", "GATEWAY_TAB_POLL_TIMEOUT", _parse_positive,
+            "Seconds a tab's long poll waits for a job; 3x this without a poll and the tab is gone"),
+    Setting("tab_pairs", "tab-pairs", "GATEWAY_TAB_PAIRS", _parse_pairs,
+            "REQUESTED=TAB domain pairs: requests for REQUESTED may be served by the same "
+            "session's tab on TAB ('' for none) [default: lmarena.ai=arena.ai]"),
     Setting("debug", "debug", "DEBUG_MODE", parse_bool, "Log upstream detail", flag=True),
     Setting("log_requests", "log-requests", "LOG_REQUESTS", parse_bool,
             "Log one line per request", flag=True),

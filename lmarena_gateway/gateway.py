@@ -23,7 +23,9 @@ from .errors import ApiError, parse_json, render_error, write_json
 from .metrics import Metrics
 from .proxy import Proxy, request_id
 from .security import AdminAuth, ClientKeys, is_admin_path, require_bridge_allowed
-from .sessions import check_domain, check_session_name, trimmed, validate_registration
+from .sessions import (check_domain, check_session_name, check_session_room, trimmed,
+                       validate_registration)
+from .tabchannel import TabChannel
 
 log = Logger()
 MAX_SESSION_BODY = 64 * 1024
@@ -64,7 +66,7 @@ class Gateway:
     app.url_map.merge_slashes = False  # FrontDoor collapses them; werkzeug would redirect
 
     def __init__(self, config, store, client, clock, *, tokens=None, client_keys=None,
-                 metrics=None) -> None:
+                 metrics=None, tabs=None) -> None:
         self.config = config
         self.store = store
         self.clock = clock
@@ -72,9 +74,12 @@ class Gateway:
         self.admin = AdminAuth(config.admin_token, public_url=config.public_url,
                                cors_origins=config.cors_origins)
         self.tokens = tokens  # RegistrationTokens, or None: only admins register
+        self.tabs = tabs  # the TabRegistry, or None: no tab mode (some unit tests)
         self.proxy = Proxy(config, store, client, clock,
                            client_keys=client_keys or (lambda: ClientKeys({})),
-                           metrics=self.metrics)
+                           metrics=self.metrics, tabs=tabs)
+        self.tab_channel = TabChannel(config, store, tokens, tabs, clock,
+                                      check_origin=self._require_allowed_origin)
 
     def _require_admin(self, request, *, allow_basic: bool = False) -> None:
         self.admin.require(request, allow_basic=allow_basic)
@@ -131,12 +136,15 @@ class Gateway:
         now = datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
         store = self.store.health()
         status = "ok" if store.get("status") == "ok" else "degraded"
-        return write_json(request, 200, {
+        health = {
             "status": status,
             "time": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "version": __version__,
             "store": store,
-        })
+        }
+        if self.tabs is not None:
+            health["tabs"] = self.tabs.per_domain(self.config.domains)
+        return write_json(request, 200, health)
 
     # --- sessions ---
 
@@ -161,12 +169,8 @@ class Gateway:
             registration = evolve(registration, keep_bridge=True)
         if registration.bridge_base_url:
             require_bridge_allowed(registration.bridge_base_url, self.config.bridge_allow_list)
-        if self.store.get(registration.domain, registration.session_name) is None:
-            held = sum(1 for _ in self.store.records(registration.domain))
-            if held >= self.config.max_sessions_per_domain:
-                raise ApiError(409, "SESSION_LIMIT",
-                               f"{registration.domain} holds {held} sessions, the most allowed "
-                               "(--max-sessions-per-domain); delete some or raise the limit")
+        check_session_room(self.store, registration.domain, registration.session_name,
+                           self.config.max_sessions_per_domain)
         record = yield self.store.register(registration, self.clock.seconds())
         log.info("session registered: {domain}/{name}", domain=record.domain, name=record.session_name)
         return write_json(request, 200, {"status": "ok", "domain": record.domain,
@@ -176,7 +180,8 @@ class Gateway:
         """Without the admin token a caller may only set ids, and only for its token's name."""
         if not isinstance(body, dict):
             return  # validation refuses it next
-        privileged = [f for f in ("bridge_base_url", "bridge_api_key", "models") if body.get(f)]
+        privileged = [f for f in ("bridge_base_url", "bridge_api_key", "models", "upstream")
+                      if body.get(f)]
         if privileged:
             raise ApiError(403, "ADMIN_REQUIRED",
                            f"setting {', '.join(privileged)} needs the admin token")
@@ -249,6 +254,25 @@ class Gateway:
                            "the registration secret is not available yet (is the store up?)",
                            "server_error")
         return serve(request, self.config, name, tokens=self.tokens)
+
+    # --- the tabs' channel (tab mode: docs/tab-mode.rst) ---
+
+    def _require_tabs(self) -> TabChannel:
+        if self.tabs is None:
+            raise ApiError(404, "NOT_FOUND", "tab mode is not enabled here")
+        return self.tab_channel
+
+    @app.route("/tab/connect", methods=["POST"])
+    def tab_connect(self, request):
+        return self._require_tabs().connect(request)
+
+    @app.route("/tab/poll", methods=["POST"])
+    def tab_poll(self, request):
+        return self._require_tabs().poll(request)
+
+    @app.route("/tab/push", methods=["POST"])
+    def tab_push(self, request):
+        return self._require_tabs().push(request)
 
     # --- Prometheus metrics ---
 

@@ -71,6 +71,25 @@ class _SessionsCollector:
         yield family
 
 
+class _TabsCollector:
+    """Connected tabs per domain, read from the tab registry when scraped."""
+
+    def __init__(self, registry, domains) -> None:
+        self.registry = registry
+        self.domains = tuple(domains)
+
+    def describe(self):
+        return [GaugeMetricFamily("lmgateway_tabs", "Connected tabs, per domain",
+                                  labels=["domain"])]
+
+    def collect(self):
+        family = GaugeMetricFamily("lmgateway_tabs", "Connected tabs, per domain",
+                                   labels=["domain"])
+        for domain, count in sorted(self.registry.per_domain(self.domains).items()):
+            family.add_metric([domain], count)
+        yield family
+
+
 def route_of(request) -> str:
     """The route pattern Klein matched (``/session/<domain_and_name:rest>``), or ``other``."""
     from klein.interfaces import IKleinRequest
@@ -157,6 +176,9 @@ class Metrics:
 
     def pruning_failed(self) -> None:
         self.pruning_runs.labels("failed").inc()
+
+    def watch_tabs(self, registry, domains) -> None:
+        self.registry.register(_TabsCollector(registry, domains))
 
     def exposition(self) -> bytes:
         """The text a Prometheus scrape reads."""

@@ -11,7 +11,7 @@ import time
 import uuid
 
 from attrs import frozen
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
@@ -29,6 +29,7 @@ from .metrics import Metrics
 from .relay import Relay, normalize_error, read_capped, set_status
 from .security import require_bridge_allowed
 from .sessions import SessionRecord, check_domain, check_session_name
+from .upstream import IUpstream, Route
 
 log = Logger()
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
@@ -171,18 +172,58 @@ def session_name_of(request) -> str:
 
 
 class Proxy:
-    """The /v1 routes' logic; ``client`` has treq's surface (a BridgeClient, a StubTreq)."""
+    """The /v1 routes' logic: resolve the session, choose its upstream (its tabs, or the
+    bridge path this class implements), hand the request over.
+
+    ``client`` has treq's surface (a BridgeClient, a StubTreq); ``tabs`` is the
+    TabRegistry, or None.
+    """
 
     def __init__(self, config: GatewayConfig, store, client, clock, *, client_keys=None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, tabs=None) -> None:
         self.config = config
         self.store = store
         self.client = client
         self.clock = clock
         self.metrics = metrics if metrics is not None else Metrics()
         self.client_keys = client_keys  # a callable giving the current ClientKeys, or None
+        self.bridge = BridgeUpstream(self)
+        self.tabs = tabs
+        self.tab_upstream = None
+        if tabs is not None:
+            from .tabupstream import TabUpstream
+
+            self.tab_upstream = TabUpstream(tabs, config, clock, self.metrics)
 
     # --- session resolution ---
+
+    def route(self, request, *, required: bool) -> Route:
+        """The session's tabs when one is connected (on its domain, else on a paired one),
+        else its bridge; a tab-only session without a tab fails at once."""
+        name = session_name_of(request)
+        domain = (request.getHeader(b"x-target-domain") or b"lmarena.ai").decode("latin-1").strip()
+        if self.client_keys is not None:
+            self.client_keys().require(request, name)
+        domain = check_domain(domain, self.config.domains)
+        record = self.store.get(domain, name)
+        candidates = (domain, *self.config.tab_pairs_for(domain))
+        if self.tabs is not None:
+            for tab_domain in candidates:
+                tabs = self.tabs.session(tab_domain, name)
+                if tabs is not None:
+                    record = record or self.store.get(tab_domain, name)
+                    if record is not None:
+                        self.store.touch(record.domain, name, self.clock.seconds())
+                    return Route(domain, name, record, tabs, self.tab_upstream)
+        records = [r for r in (self.store.get(d, name) for d in candidates) if r is not None]
+        if any(r.upstream == "tab" for r in records) and (record is None or record.upstream == "tab"):
+            raise ApiError(503, "TAB_NOT_CONNECTED",
+                           f"session {name!r} is served only by its tab, and none is connected: "
+                           f"open https://{candidates[-1]}/ in a browser that is signed in to "
+                           f"LMArena and has the userscript {name}.user.js installed "
+                           f"(tabs of {' or '.join(candidates)} serve it)", "upstream_error")
+        record = self.resolve(request, required=required)
+        return Route(domain, name, record, None, self.bridge)
 
     def resolve(self, request, *, required: bool) -> SessionRecord | None:
         name = session_name_of(request)
@@ -206,7 +247,7 @@ class Proxy:
         headers = Headers({b"Content-Type": [b"application/json"], b"X-Request-ID": [rid.encode()]})
         if upstream.api_key:
             headers.setRawHeaders(b"Authorization", [b"Bearer " + upstream.api_key.encode()])
-        if record is not None:
+        if record is not None and record.session_id and record.message_id:
             headers.setRawHeaders(b"X-LMArena-Session-ID", [record.session_id.encode()])
             headers.setRawHeaders(b"X-LMArena-Message-ID", [record.message_id.encode()])
             headers.setRawHeaders(b"X-LMArena-Domain", [record.domain.encode()])
@@ -237,9 +278,9 @@ class Proxy:
     # --- the routes ---
 
     def chat(self, request) -> Deferred:
-        record = self.resolve(request, required=True)
+        route = self.route(request, required=True)
         body, raw = self.read_json_body(request, required=(("model", str), ("messages", list)))
-        return self.forward_chat(request, record, body, raw)
+        return route.upstream.chat(request, route, body, raw)
 
     def forward_chat(self, request, record, body: dict, raw: bytes | None = None) -> Deferred:
         """The chat path every chat-shaped request takes (/v1/responses translates into it).
@@ -253,16 +294,19 @@ class Proxy:
                              self._apply_alias(record, body, raw), sse=stream)
 
     def images(self, request) -> Deferred:
-        record = self.resolve(request, required=True)
+        route = self.route(request, required=True)
         body, raw = self.read_json_body(request, required=(("prompt", str),))
-        return self._forward(request, record, "/v1/images/generations",
-                             self._apply_alias(record, body, raw), sse=False)
+        return route.upstream.images(request, route, body, raw)
+
+    def _model_list(self, request):
+        """The upstream's models plus the session's aliases; fires with a list, or with
+        bytes (the upstream's error, already set on the request)."""
+        route = self.route(request, required=False)
+        request.setHeader(b"X-Request-ID", request_id(request).encode())
+        return maybeDeferred(route.upstream.models, request, route)
 
     @inlineCallbacks
-    def _model_list(self, request):
-        """The bridge's models plus the session's aliases; fires with a list, or with
-        bytes (the bridge's error, already set on the request)."""
-        record = self.resolve(request, required=False)
+    def bridge_models(self, request, record):
         upstream = upstream_for(record, self.config)
         rid = request_id(request)
         request.setHeader(b"X-Request-ID", rid.encode())
@@ -444,3 +488,24 @@ class Proxy:
 
         pending.addCallbacks(answered, failed)
         return finished
+
+
+@implementer(IUpstream)
+class BridgeUpstream:
+    """A session served by an LMArenaBridge over HTTP (its own, or the default one)."""
+
+    kind = "bridge"
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def chat(self, request, route, body: dict, raw: bytes | None) -> Deferred:
+        return self.proxy.forward_chat(request, route.record, body, raw)
+
+    def images(self, request, route, body: dict, raw: bytes | None) -> Deferred:
+        raw = json.dumps(body).encode() if raw is None else raw
+        return self.proxy._forward(request, route.record, "/v1/images/generations",
+                                   self.proxy._apply_alias(route.record, body, raw), sse=False)
+
+    def models(self, request, route):
+        return self.proxy.bridge_models(request, route.record)

@@ -63,8 +63,9 @@ def normalize_error(status: int, body: bytes) -> dict:
     return envelope(f"bridge: {message}", code, kind)
 
 
-def _sse_error(message: str, code: str) -> bytes:
-    event = json.dumps(envelope(message, code, "bridge_error"))
+def sse_error(message: str, code: str, kind: str = "bridge_error") -> bytes:
+    """An error event and the end of the stream: what OpenAI clients can read mid-stream."""
+    event = json.dumps(envelope(message, code, kind))
     return f"data: {event}\n\n".encode() + DONE + b"\n\n"
 
 
@@ -75,7 +76,8 @@ class Relay(Protocol):
 
     def __init__(self, request, clock, *, sse: bool, idle_timeout: float,
                  keepalive: float, upstream_url: str, finished: Deferred,
-                 label: str = "the bridge", metrics=None, sent_at: float = 0.0) -> None:
+                 label: str = "the bridge", metrics=None, sent_at: float = 0.0,
+                 codes: tuple[str, str] = ("BRIDGE_TIMEOUT", "BRIDGE_STREAM_LOST")) -> None:
         self.request = request
         self.metrics = metrics
         self.sent_at = sent_at  # when the bridge request left: the first byte's clock
@@ -85,6 +87,7 @@ class Relay(Protocol):
         self.keepalive = keepalive if sse else 0
         self.upstream_url = upstream_url  # for the log only
         self.label = label  # names the bridge in messages a client shows
+        self.timeout_code, self.lost_code = codes  # of its silence, of its loss
         self.finished = finished
         self.tail = b"\n\n"  # the last bytes written: are we between two events?
         self.seen_done = False
@@ -127,8 +130,7 @@ class Relay(Protocol):
 
     def _idle_expired(self) -> None:
         self._end_with_error(
-            f"{self.label} sent nothing for {self.idle_timeout:g} s",
-            "BRIDGE_TIMEOUT",
+            f"{self.label} sent nothing for {self.idle_timeout:g} s", self.timeout_code,
         )
         self.transport.stopProducing()
 
@@ -141,7 +143,7 @@ class Relay(Protocol):
                  message=message, request_id=getattr(self.request, "request_id", None))
         if self.sse:
             prefix = b"" if self._between_events() else b"\n\n"
-            self.request.write(prefix + _sse_error(message, code))
+            self.request.write(prefix + sse_error(message, code))
             self._finish()
         elif not self.bytes:
             # Nothing sent yet (a JSON answer's headers go with its first bytes): the
@@ -188,12 +190,10 @@ class Relay(Protocol):
         if self.sse and not self.seen_done:
             why = "closed the stream" if clean else "was lost"
             self._end_with_error(
-                f"{self.label} {why} before the answer was complete",
-                "BRIDGE_STREAM_LOST",
+                f"{self.label} {why} before the answer was complete", self.lost_code,
             )
         elif not self.sse and not clean:
-            self._end_with_error(f"{self.label} was lost mid-answer",
-                                 "BRIDGE_STREAM_LOST")
+            self._end_with_error(f"{self.label} was lost mid-answer", self.lost_code)
         else:
             self.stopped = True
             self._cancel_timers()

@@ -362,8 +362,8 @@ def _event_end(buffer: bytes) -> tuple[int, int] | None:
 
 def serve(proxy, request, clock):
     """The route's work; raises ApiError before anything is sent upstream."""
-    record = proxy.resolve(request, required=True)
+    route = proxy.route(request, required=True)
     body, _ = proxy.read_json_body(request, required=())
     chat = chat_request(body)
     translator = Translator(request, body, clock, stream=chat.get("stream") is True)
-    return proxy.forward_chat(translator, record, chat)
+    return route.upstream.chat(translator, route, chat, None)

@@ -15,6 +15,7 @@ from .metrics import Metrics
 from .proxy import make_http_client
 from .security import ClientKeyService, SighupReloader
 from .store import DBMSessionStore
+from .tabs import TabRegistry
 from .tokens import FileSecrets, RedisSecrets, RegistrationTokens
 
 log = Logger()
@@ -173,8 +174,13 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
     if not config.admin_token:
         log.info("no admin token configured: admin routes answer loopback clients only")
 
+    tabs = TabRegistry(reactor, queue_limit=config.tab_queue,
+                       poll_timeout=config.tab_poll_timeout, metrics=metrics)
+    tabs.setName("tabs")
+    tabs.setServiceParent(root)
+    metrics.watch_tabs(tabs, config.domains)
     gateway = Gateway(config, store, client, reactor, tokens=tokens, client_keys=keys,
-                      metrics=metrics)
+                      metrics=metrics, tabs=tabs)
     reloader = SighupReloader(reactor, keys=keys, admin=gateway.admin,
                               admin_token_file=config.admin_token_file)
     reloader.setName("sighup")

@@ -57,18 +57,23 @@ def session_key(domain: str, name: str) -> str:
     return f"{domain}/{name}"
 
 
+UPSTREAMS = ("tab",)  # "upstream": absent means its tab when connected, else its bridge
+
+
 @frozen
 class SessionRecord:
     domain: str
     session_name: str
-    session_id: str
-    message_id: str
+    # The legacy ids a userscript captured; None for a session its tab created.
+    session_id: str | None
+    message_id: str | None
     bridge_base_url: str | None = None
     bridge_api_key: str | None = field(default=None, repr=False)
     models: dict = field(factory=dict)
     created_at: float = field(default=0.0, converter=_whole_seconds)
     updated_at: float = field(default=0.0, converter=_whole_seconds)
     last_used_at: float | None = field(default=None, converter=_whole_seconds)
+    upstream: str | None = None  # "tab": only a tab serves it (fails closed)
 
     @property
     def key(self) -> str:
@@ -87,7 +92,7 @@ class SessionRecord:
 
     def to_json(self) -> dict:
         """The stored and exported form: the PHP gateway's fields plus ours."""
-        return {
+        data = {
             "session_id": self.session_id,
             "message_id": self.message_id,
             "bridge_base_url": self.bridge_base_url,
@@ -97,20 +102,24 @@ class SessionRecord:
             "updated_at": iso(self.updated_at),
             "last_used_at": iso(self.last_used_at) if self.last_used_at else None,
         }
+        if self.upstream is not None:
+            data["upstream"] = self.upstream
+        return data
 
     @classmethod
     def from_json(cls, domain: str, name: str, data: Mapping) -> SessionRecord:
         return cls(
             domain=domain,
             session_name=name,
-            session_id=data["session_id"],
-            message_id=data["message_id"],
+            session_id=data.get("session_id") or None,
+            message_id=data.get("message_id") or None,
             bridge_base_url=data.get("bridge_base_url"),
             bridge_api_key=data.get("bridge_api_key"),
             models=dict(data.get("models") or {}),
             created_at=parse_time(data["created_at"]),
             updated_at=parse_time(data["updated_at"]),
             last_used_at=parse_time(data["last_used_at"]) if data.get("last_used_at") else None,
+            upstream=data.get("upstream") if data.get("upstream") in UPSTREAMS else None,
         )
 
     def touched(self, now: float) -> SessionRecord:
@@ -123,11 +132,12 @@ class Registration:
 
     domain: str
     session_name: str
-    session_id: str
-    message_id: str
+    session_id: str | None
+    message_id: str | None
     bridge_base_url: str | None = None
     bridge_api_key: str | None = field(default=None, repr=False)
     models: dict = field(factory=dict)
+    upstream: str | None = None
     # A userscript's registration only renews the ids: the bridge, key and aliases an
     # admin set stay as they were.
     keep_bridge: bool = False
@@ -146,11 +156,23 @@ class Registration:
             created_at=existing.created_at if existing else now,
             updated_at=now,
             last_used_at=existing.last_used_at if existing else None,
+            upstream=source.upstream,
         )
 
 
 def _bad(code: str, message: str) -> ApiError:
     return ApiError(400, code, message)
+
+
+def check_session_room(store, domain: str, name: str, limit: int) -> None:
+    """409 SESSION_LIMIT when a new session would take ``domain`` past ``limit``."""
+    if store.get(domain, name) is not None:
+        return
+    held = sum(1 for _ in store.records(domain))
+    if held >= limit:
+        raise ApiError(409, "SESSION_LIMIT",
+                       f"{domain} holds {held} sessions, the most allowed "
+                       "(--max-sessions-per-domain); delete some or raise the limit")
 
 
 def check_domain(domain, domains) -> str:
@@ -194,20 +216,36 @@ def trimmed(body):
     return {k: v.strip() if isinstance(v, str) else v for k, v in body.items()}
 
 
-def validate_registration(body, domains) -> Registration:
-    """The rules of POST /session/register; raises ApiError with a stable code."""
+def validate_registration(body, domains, *, ids_optional: bool = False) -> Registration:
+    """The rules of POST /session/register; raises ApiError with a stable code.
+
+    The legacy ids may be left out together by a session its tab serves
+    (``"upstream": "tab"``), or with ``ids_optional`` (a stored session its tab created).
+    """
     if not isinstance(body, dict):
         # The PHP gateway's code: an empty or non-object body has none of the fields.
         raise _bad("MISSING_FIELDS", f"the body must be a JSON object with {', '.join(REQUIRED)}")
     body = trimmed(body)
-    missing = [name for name in REQUIRED if body.get(name) in (None, "")]
+    upstream = body.get("upstream")
+    if upstream in (None, ""):
+        upstream = None
+    elif upstream not in UPSTREAMS:
+        raise _bad("INVALID_UPSTREAM", "upstream must be \"tab\" or absent")
+    required = REQUIRED
+    without_ids = all(body.get(n) in (None, "") for n in ("session_id", "message_id"))
+    if without_ids and (upstream == "tab" or ids_optional):
+        required = ("domain", "session_name")
+    missing = [name for name in required if body.get(name) in (None, "")]
     if missing:
         raise _bad("MISSING_FIELDS", f"missing required fields: {', '.join(missing)}")
     domain = check_domain(body["domain"], domains)
     name = check_session_name(body["session_name"])
-    ids = []
+    ids: list = []
     for field_name in ("session_id", "message_id"):
-        value = body[field_name]
+        value = body.get(field_name)
+        if value in (None, "") and required is not REQUIRED:
+            ids.append(None)
+            continue
         if not isinstance(value, str) or not UUID.fullmatch(value.lower()):
             raise _bad("INVALID_UUID", f"{field_name} must be a UUID")
         ids.append(value.lower())
@@ -230,7 +268,7 @@ def validate_registration(body, domains) -> Registration:
     ):
         raise _bad("INVALID_MODELS",
                    f"models must be an object of at most {MAX_MODELS} alias: model strings")
-    return Registration(domain, name, ids[0], ids[1], url, key, dict(models))
+    return Registration(domain, name, ids[0], ids[1], url, key, dict(models), upstream)
 
 
 def record_is_valid(record: SessionRecord, domains) -> bool:
@@ -245,8 +283,10 @@ def record_is_valid(record: SessionRecord, domains) -> bool:
                 "bridge_base_url": record.bridge_base_url,
                 "bridge_api_key": record.bridge_api_key,
                 "models": record.models,
+                "upstream": record.upstream,
             },
             domains,
+            ids_optional=True,
         )
     except ApiError:
         return False

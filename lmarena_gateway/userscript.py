@@ -1,4 +1,5 @@
-"""The Tampermonkey userscript that registers a browser's LMArena ids with this gateway.
+"""The Tampermonkey userscript of a session: its tab serves the session (tab mode) and
+registers the legacy LMArena ids with this gateway. The code is userscript.js.
 
 Everything a request or the configuration puts into the script is either checked against
 a strict pattern (metadata lines) or embedded as an escaped JSON literal (the code), so no
@@ -10,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from importlib import resources
 from urllib.parse import quote, urlsplit
 
 from .errors import ApiError
 from .sessions import SESSION_NAME, check_session_name
 
 # Bump when the script's code changes shape; @version is "<this>.<hash of the text>".
-TEMPLATE_REVISION = 1
+TEMPLATE_REVISION = 2
 NAMESPACE = "lmarena-gateway"
 VERSION_MARK = "@@VERSION@@"
 
@@ -106,13 +108,15 @@ def _metadata(session_name: str, gateway_url: str, domains: tuple[str, ...],
     connect = urlsplit(gateway_url).hostname
     lines = [
         "// ==UserScript==",
+        # managers know a script by @name and @namespace: keep both, or updates break
         f"// @name         LMArena registrar: {session_name}",
         f"// @namespace    {NAMESPACE}",
         f"// @version      {VERSION_MARK}",
-        f"// @description  Registers this browser's LMArena session with the gateway "
-        f"as {session_name}",
+        f"// @description  Serves the gateway's session {session_name} from this "
+        "logged-in LMArena tab",
     ]
-    lines += [f"// @match        https://{domain}/*" for domain in domains]
+    for domain in domains:
+        lines += [f"// @match        https://{domain}/*", f"// @match        https://*.{domain}/*"]
     lines += [
         "// @run-at       document-start",
         "// @noframes",
@@ -146,7 +150,7 @@ def render_script(*, session_name: str, gateway_url: str, domains: tuple[str, ..
     ])
     text = "\n".join(_metadata(session_name, gateway_url, domains, registration_token)) \
         + "\n\n" \
-        + _BODY.replace("/*SETTINGS*/", settings)
+        + _code().replace("/*SETTINGS*/", settings)
     digest = hashlib.sha256(text.encode()).hexdigest()
     return text.replace(VERSION_MARK, f"{TEMPLATE_REVISION}.{int(digest[:8], 16)}", 1)
 
@@ -170,130 +174,6 @@ def serve(request, config, raw_name: str, tokens=None) -> bytes:
     return text.encode("utf-8")
 
 
-# The script's code. Rules it keeps: the page's own request always goes ahead untouched
-# (the hooks only look, inside try/catch, and never wait); nothing runs on hosts other
-# than the configured domains; one post per (domain, session id, message id) unless it failed.
-_BODY = r"""(function () {
-  "use strict";
-/*SETTINGS*/
-  var TAG = "[lmarena-registrar]";
-  var UUID = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}";
-  var RETRY = new RegExp("^/(?:nextjs-api|api)/stream/retry-evaluation-session-message/(" +
-                         UUID + ")/messages/(" + UUID + ")/?$");
-  var page = (typeof unsafeWindow !== "undefined" && unsafeWindow) ? unsafeWindow : window;
-  var domain = String(page.location.hostname || "").toLowerCase();
-  if (DOMAINS.indexOf(domain) < 0) {
-    return;
-  }
-  var gm = typeof GM_xmlhttpRequest === "function" ? GM_xmlhttpRequest : null;
-  var pageFetch = typeof page.fetch === "function" ? page.fetch : null;
-  var posted = Object.create(null);
-  var markTimer = null;
-
-  function idsOf(target) {
-    var raw = (target && typeof target === "object" && typeof target.url === "string")
-      ? target.url : String(target);
-    var match = RETRY.exec(new URL(raw, page.location.href).pathname);
-    return match ? [match[1].toLowerCase(), match[2].toLowerCase()] : null;
-  }
-
-  function mark(ok, text) {
-    var doc = page.document;
-    var show = function () {
-      var old = doc.getElementById("lmarena-registrar-mark");
-      if (old) { old.remove(); }
-      var el = doc.createElement("div");
-      el.id = "lmarena-registrar-mark";
-      el.setAttribute("data-outcome", ok ? "ok" : "error");
-      el.setAttribute("role", "status");
-      el.textContent = (ok ? "\u2713 " : "\u2717 ") + text;
-      el.style.cssText = "position:fixed;right:12px;bottom:12px;z-index:2147483647;" +
-        "max-width:420px;padding:6px 10px;border-radius:6px;pointer-events:none;" +
-        "font:12px/1.4 system-ui,sans-serif;color:#fff;opacity:.92;background:" +
-        (ok ? "#15803d" : "#b91c1c");
-      (doc.body || doc.documentElement).appendChild(el);
-      if (markTimer) { clearTimeout(markTimer); }
-      markTimer = setTimeout(function () { el.remove(); }, ok ? 4000 : 10000);
-    };
-    if (doc.body || doc.documentElement) { show(); }
-    else { doc.addEventListener("DOMContentLoaded", show); }
-  }
-
-  function finish(key, ids, status, text) {
-    if (status >= 200 && status < 300) {
-      console.log(TAG, "registered session \"" + SESSION_NAME + "\" for " + domain +
-                  " (session " + ids[0] + ", message " + ids[1] + ")");
-      mark(true, "LMArena session registered as " + SESSION_NAME);
-      return;
-    }
-    delete posted[key];  // a failed registration may be tried again on the next retry
-    var reason = status ? "HTTP " + status : "the gateway could not be reached";
-    try {
-      var body = JSON.parse(text);
-      if (body && body.error && body.error.message) { reason = String(body.error.message); }
-    } catch (e) { /* not JSON: keep the status */ }
-    console.warn(TAG, "registration as \"" + SESSION_NAME + "\" failed: " + reason);
-    mark(false, "LMArena registration failed: " + reason);
-  }
-
-  function register(ids) {
-    var key = domain + " " + ids[0] + " " + ids[1];
-    if (posted[key]) { return; }
-    posted[key] = true;
-    var body = {domain: domain, session_name: SESSION_NAME, session_id: ids[0],
-                message_id: ids[1]};
-    if (REGISTRATION_TOKEN !== null) { body.registration_token = REGISTRATION_TOKEN; }
-    var url = GATEWAY_URL + "/session/register";
-    var payload = JSON.stringify(body);
-    var done = function (status, text) { finish(key, ids, status, text); };
-    if (gm) {
-      gm({method: "POST", url: url, data: payload, timeout: 20000,
-          headers: {"Content-Type": "application/json"},
-          onload: function (r) { done(r.status, r.responseText); },
-          onerror: function () { done(0, ""); },
-          ontimeout: function () { done(0, ""); }});
-      return;
-    }
-    if (!pageFetch) {
-      done(0, "");
-      return;
-    }
-    pageFetch.call(page, url, {method: "POST", mode: "cors", credentials: "omit",
-                               headers: {"Content-Type": "application/json"}, body: payload})
-      .then(function (r) { return r.text().then(function (t) { done(r.status, t); }); })
-      .catch(function () { done(0, ""); });
-  }
-
-  function look(target) {
-    try {
-      var ids = idsOf(target);
-      if (ids) { register(ids); }
-    } catch (e) {
-      console.warn(TAG, "could not read a request:", e);
-    }
-  }
-
-  function install(owner, name, fn) {
-    if (typeof exportFunction === "function" && page !== window) {
-      exportFunction(fn, owner, {defineAs: name});  // Firefox sandboxes
-    } else {
-      owner[name] = fn;
-    }
-  }
-
-  if (pageFetch) {
-    install(page, "fetch", function fetch(input, init) {
-      look(input);
-      return pageFetch.apply(this, arguments);
-    });
-  }
-  var xhr = page.XMLHttpRequest && page.XMLHttpRequest.prototype;
-  if (xhr && typeof xhr.open === "function") {
-    var pageOpen = xhr.open;
-    install(xhr, "open", function open(method, url) {
-      look(url);
-      return pageOpen.apply(this, arguments);
-    });
-  }
-})();
-"""
+def _code() -> str:
+    """The script's code, from the package's userscript.js."""
+    return resources.files(__package__).joinpath("userscript.js").read_text(encoding="utf-8")

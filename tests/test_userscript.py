@@ -61,8 +61,10 @@ def test_metadata_lines():
     assert values["@name"] == "LMArena registrar: team-alpha"
     assert values["@namespace"] == "lmarena-gateway"
     assert re.fullmatch(r"\d+\.\d+", values["@version"])
+    # every configured domain and its subdomains (tab mode runs wherever the tab is)
     assert [v for k, v in meta if k == "@match"] == [
-        "https://lmarena.ai/*", "https://canary.lmarena.ai/*"]
+        "https://lmarena.ai/*", "https://*.lmarena.ai/*",
+        "https://canary.lmarena.ai/*", "https://*.canary.lmarena.ai/*"]
     assert values["@run-at"] == "document-start"
     assert ("@grant", "GM_xmlhttpRequest") in meta
     assert [v for k, v in meta if k == "@connect"] == ["gw.example"]

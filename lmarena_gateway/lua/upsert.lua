@@ -13,6 +13,7 @@ if old then
       new.bridge_base_url = was.bridge_base_url
       new.bridge_api_key = was.bridge_api_key
       new.models = was.models
+      new.upstream = was.upstream
     end
     value = cjson.encode(new)
   end

@@ -1,0 +1,380 @@
+"""The tab upstream: an OpenAI request run as a job by one of the session's tabs.
+
+The tab hands back LMArena's raw answer; :mod:`arena` parses it here and the answer
+leaves as OpenAI chat chunks through the same :class:`Relay` the bridge path uses, so
+keep-alives, the idle timeout, the request id and the metrics are one code path.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.client import ResponseDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from . import arena
+from .errors import ApiError
+from .refusals import refusal
+from .relay import Relay, set_status, sse_error
+from .tabs import IJobSink, SessionTabs, TabRegistry
+from .upstream import IUpstream
+
+log = Logger()
+
+
+class Chunks:
+    """OpenAI ``chat.completion.chunk`` events of one answer."""
+
+    def __init__(self, model: str, created: int) -> None:
+        self.model = model
+        self.created = created
+        self.id = f"chatcmpl-{secrets.token_hex(12)}"
+        self.started = False
+
+    def event(self, delta: dict, finish: str | None = None, **extra) -> bytes:
+        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                 "model": self.model, "choices": [{"index": 0, "delta": delta,
+                                                   "finish_reason": finish}], **extra}
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+    def delta(self, **fields) -> bytes:
+        if not self.started:
+            self.started = True
+            fields = {"role": "assistant", **fields}
+        return self.event(fields)
+
+    def usage(self, usage: dict) -> bytes:
+        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                 "model": self.model, "choices": [], "usage": usage}
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+def image_markdown(url: str) -> str:
+    return f"\n\n![image]({url})\n\n"
+
+
+@implementer(IJobSink, IPushProducer)
+class TabAnswer:
+    """One request's job: what the tab reports becomes the client's answer.
+
+    It is also the Relay's transport (the producer registered with the request), so a
+    client that goes away stops the job in the tab.
+    """
+
+    def __init__(self, upstream: "TabUpstream", request, *, kind: str, model: str,
+                 stream: bool, include_usage: bool, finished: Deferred) -> None:
+        self.upstream = upstream
+        self.config = upstream.config
+        self.request = request
+        self.kind = kind  # "chat" or "images"
+        self.stream = stream and kind == "chat"
+        self.include_usage = include_usage
+        self.finished = finished
+        self.parser = arena.LineParser()
+        self.chunks = Chunks(model, int(upstream.clock.seconds()))
+        self.session_name = ""
+        self.domain = ""
+        self.job = None
+        self.relay: Relay | None = None
+        self.text_parts: list[str] = []
+        self.reasoning_parts: list[str] = []
+        self.images: list[str] = []
+        self.finish_reason: str | None = None
+        self.usage: dict | None = None
+        self.failed: tuple[str, str] | None = None  # (code, message) of an arena error
+        self.done = False
+        self.refused: tuple[int, dict] | None = None  # the arena's error status, headers
+        self.error_body: list[str] = []
+        self.sent_at = time.monotonic()
+        self._deadline = upstream.clock.callLater(self.config.stream_idle_timeout, self._timeout)
+
+    # --- IJobSink: what the tab reports ---
+
+    def status(self, code: int, headers: dict) -> None:
+        self._alive()
+        if code >= 300:
+            self.refused = (code, headers)  # what it means shows in the body: read it first
+            return
+        if self.stream:
+            self._start_stream()
+
+    def text(self, data: str) -> None:
+        self._alive()
+        if self.refused is not None:
+            if sum(map(len, self.error_body)) < 64 * 1024:
+                self.error_body.append(data)
+            return
+        self._events(self.parser.feed(data))
+
+    def end(self, error: str | None) -> None:
+        if self.done:
+            return
+        if self.refused is not None:
+            self._refused(*self.refused, "".join(self.error_body))
+            return
+        if error is None:
+            self._events(self.parser.close())
+        if self.done:
+            return
+        if error is not None:
+            self._fail(502, "TAB_FETCH_FAILED", f"the tab of session {self.session_name} could "
+                       f"not finish the arena request: {error}")
+        elif self.failed is not None:
+            self._fail(502, *self.failed)
+        else:
+            self._complete()
+
+    def lost(self, why: str) -> None:
+        if not self.done:
+            self._fail(502, "TAB_LOST", f"the tab of session {self.session_name} on "
+                       f"{self.domain} went away before the answer was complete ({why}); "
+                       "the request was not sent to another tab")
+
+    # --- IPushProducer: the Relay's view of the job ---
+
+    def pauseProducing(self) -> None:
+        pass  # the tab pushes at its own pace; a slow client is buffered by the request
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        # The client's connection is going (or the relay gave up): stop the tab. The
+        # response itself is left to the relay and to Klein's cancel of ``finished``.
+        self.done = True
+        self._deadline_off()
+        self.cancel_job()
+
+    # --- the answer ---
+
+    def _events(self, events) -> None:
+        for event in events:
+            if self.done or self.failed is not None:
+                return
+            if event.side != "a":
+                continue  # direct mode answers on side a only
+            if event.kind == "text":
+                self._emit(content=event.text)
+            elif event.kind == "reasoning":
+                self._emit(reasoning_content=event.text)
+            elif event.kind == "image":
+                self.images.append(event.text)
+                if self.kind == "chat":
+                    self._emit(content=image_markdown(event.text))
+            elif event.kind == "error":
+                self.failed = ("ARENA_MODEL_ERROR", f"LMArena: {event.text}")
+                self._fail(502, *self.failed)
+            elif event.kind == "finish":
+                self.finish_reason = arena.FINISH_REASONS.get(event.text, "stop")
+                self.usage = arena.usage_of(event.data)
+
+    def _emit(self, **delta) -> None:
+        for name, value in delta.items():
+            (self.text_parts if name == "content" else self.reasoning_parts).append(value)
+        if self.relay is not None:
+            self.relay.dataReceived(self.chunks.delta(**delta))
+
+    def _start_stream(self) -> None:
+        if self.relay is not None:
+            return
+        self._deadline_off()
+        request = self.request
+        set_status(request, 200)
+        request.setHeader(b"Content-Type", b"text/event-stream")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        self.relay = Relay(request, self.upstream.clock, sse=True,
+                           idle_timeout=self.config.stream_idle_timeout,
+                           keepalive=self.config.keepalive,
+                           upstream_url=f"tab:{self.domain}/{self.session_name}",
+                           finished=self.finished, metrics=self.upstream.metrics,
+                           sent_at=self.sent_at, label=self._source(),
+                           codes=("TAB_TIMEOUT", "TAB_LOST"))
+        self.upstream.metrics.stream_opened()
+        self.finished.addBoth(self._closed)
+        self.relay.makeConnection(self)
+
+    def _closed(self, result):
+        self.upstream.metrics.stream_closed()
+        return result
+
+    def _source(self) -> str:
+        return f"the tab of session {self.session_name} on {self.domain}"
+
+    def _complete(self) -> None:
+        self.done = True
+        self._deadline_off()
+        reason = self.finish_reason or "stop"
+        if self.relay is not None:
+            tail = self.chunks.event({}, reason)
+            if self.include_usage:
+                tail += self.chunks.usage(self.usage or arena.usage_of({}))
+            self.relay.dataReceived(tail + b"data: [DONE]\n\n")
+            self.relay.connectionLost(Failure(ResponseDone()))
+            return
+        if self.kind == "images":
+            body = {"created": self.chunks.created, "data": [{"url": u} for u in self.images]}
+            if not self.images:
+                self._fail(502, "ARENA_EMPTY_ANSWER", "LMArena answered without an image")
+                return
+        else:
+            message = {"role": "assistant", "content": "".join(self.text_parts)}
+            if self.reasoning_parts:
+                message["reasoning_content"] = "".join(self.reasoning_parts)
+            body = {"id": self.chunks.id, "object": "chat.completion",
+                    "created": self.chunks.created, "model": self.chunks.model,
+                    "choices": [{"index": 0, "message": message, "finish_reason": reason}],
+                    "usage": self.usage or arena.usage_of({})}
+        # Written through ``request`` as the relay writes (it may be a translator, as for
+        # /v1/responses), not handed to Klein as the route's result.
+        set_status(self.request, 200)
+        self.request.setHeader(b"Content-Type", b"application/json")
+        self.request.write(json.dumps(body).encode())
+        self.request.finish()
+        if not self.finished.called:
+            self.finished.callback(None)
+
+    def _refused(self, code: int, headers: dict, body: str) -> None:
+        """The arena said no: an HTTP error, or an event when the stream has started."""
+        found = refusal(code, headers, body, self.session_name, self.domain)
+        if self.relay is None:
+            for name, value in found.headers.items():
+                self.request.setHeader(name.encode(), value.encode())
+        self._fail(found.status, found.code, found.message)
+
+    def _fail(self, status: int, code: str, message: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._deadline_off()
+        self.upstream.metrics.upstream_error(code)
+        self.cancel_job()
+        if self.relay is not None:
+            self.relay.dataReceived(sse_error(message, code, "upstream_error"))
+            self.relay.connectionLost(Failure(ResponseDone()))
+            return
+        kind = "invalid_request_error" if status < 500 and status != 429 else "upstream_error"
+        if status == 429:
+            kind = "rate_limit_error"
+        body = json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
+        self._reply(status, body)
+
+    def _reply(self, status: int, body: bytes) -> None:
+        set_status(self.request, status)
+        self.request.setHeader(b"Content-Type", b"application/json")
+        if not self.finished.called:
+            self.finished.callback(body)
+
+    def _alive(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.reset(self.config.stream_idle_timeout)
+
+    def _deadline_off(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+
+    def _timeout(self) -> None:
+        self._fail(504, "TAB_TIMEOUT", f"{self._source()} sent nothing for "
+                   f"{self.config.stream_idle_timeout:g} s")
+
+    def cancel_job(self) -> None:
+        if self.job is not None:
+            self.upstream.registry.cancel(self.job)
+
+    def cancel(self) -> None:
+        """The client went away."""
+        self.done = True
+        self._deadline_off()
+        self.cancel_job()
+        if self.relay is not None:
+            self.relay.stop()
+
+
+@implementer(IUpstream)
+class TabUpstream:
+    """Serves a session from its tabs."""
+
+    kind = "tab"
+
+    def __init__(self, registry: TabRegistry, config, clock, metrics) -> None:
+        self.registry = registry
+        self.config = config
+        self.clock = clock
+        self.metrics = metrics
+
+    def _model(self, tabs: SessionTabs, record, requested) -> arena.ArenaModel:
+        name = requested
+        if record is not None and isinstance(requested, str):
+            name = record.models.get(requested, requested)
+        for model in tabs.models:
+            if model.public_name == name:
+                return model
+        offered = ", ".join(sorted(m.public_name for m in tabs.models)) or "none yet"
+        raise ApiError(404, "MODEL_NOT_FOUND",
+                       f"the tab of session {tabs.session_name} on {tabs.domain} offers no "
+                       f"model {name!r}; it offers: {offered}")
+
+    def _run(self, request, tabs: SessionTabs, *, kind: str, model: arena.ArenaModel,
+             content: str, stream: bool, include_usage: bool, requested: str) -> Deferred:
+        path, body = arena.request_body(model_id=model.id, content=content,
+                                        modality=model.modality)
+        payload = {"url": path, "method": "POST",
+                   "headers": {"Content-Type": "text/plain;charset=UTF-8"},
+                   "body": json.dumps(body), "recaptcha": {"action": "chat_submit",
+                                                           "field": "recaptchaV3Token"}}
+        answer: list[TabAnswer] = []
+        finished: Deferred = Deferred(lambda _: answer[0].cancel() if answer else None)
+        sink = TabAnswer(self, request, kind=kind, model=requested, stream=stream,
+                         include_usage=include_usage, finished=finished)
+        sink.session_name, sink.domain = tabs.session_name, tabs.domain
+        answer.append(sink)
+        try:
+            sink.job = self.registry.submit(tabs, payload, sink)
+        except ApiError as e:
+            sink.done = True
+            sink._deadline_off()
+            if e.code == "SESSION_BUSY":
+                request.setHeader(b"Retry-After", b"5")
+            raise
+        return finished
+
+    # --- IUpstream ---
+
+    def chat(self, request, route, body: dict, raw: bytes = b"") -> Deferred:
+        tabs = route.tabs
+        model = self._model(tabs, route.record, body["model"])
+        content = arena.pack(arena.turns_of(body["messages"]))
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        return self._run(request, tabs, kind="chat", model=model, content=content,
+                         stream=body.get("stream") is True, include_usage=include_usage,
+                         requested=body["model"])
+
+    def images(self, request, route, body: dict, raw: bytes = b"") -> Deferred:
+        tabs = route.tabs
+        requested = body.get("model")
+        if not isinstance(requested, str) or not requested:
+            image_models = [m for m in tabs.models if m.modality == "image"]
+            if not image_models:
+                raise ApiError(404, "MODEL_NOT_FOUND", "the tab offers no image model")
+            requested = image_models[0].public_name
+        model = self._model(tabs, route.record, requested)
+        return self._run(request, tabs, kind="images", model=model, content=body["prompt"],
+                         stream=False, include_usage=False, requested=requested)
+
+    def models(self, request, route) -> list[dict]:
+        tabs = route.tabs
+        record = route.record
+        created = int(min(t.connected_at for t in tabs.tabs.values()))
+        listing = [m.listing(created) for m in tabs.models]
+        if record is not None:
+            for alias, target in sorted(record.models.items()):
+                listing.append({"id": alias, "object": "model", "created": created,
+                                "owned_by": f"alias of {target} (session {record.session_name})"})
+        return listing

@@ -1,0 +1,168 @@
+"""LMArena's grammar, ids, bodies and model list, in memory."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+
+from lmarena_gateway import arena
+from lmarena_gateway.arena import ArenaEvent, LineParser
+from lmarena_gateway.errors import ApiError
+
+# An answer with every kind of line, multi-byte text, and a line that does not end.
+ANSWER = "\n".join([
+    'ag:"Let me think… "',
+    'ag:{"thinking":"about ünïcode"}',
+    'a0:"Hello, "',
+    'a0:"wörld 👋\\n"',
+    'a2:[{"type":"heartbeat"}]',
+    'af:{"messageId":"x"}',
+    'ac:{"toolCallId":"s1","argsTextDelta":"{}"}',
+    'a2:[{"type":"image","image":"https://arena.ai/i.png"}]',
+    'b0:"side b"',
+    'not a line',
+    'a3:"the model failed"',
+    'a0:"hasArenaError"',
+    'ad:{"finishReason":"stop","usage":{"promptTokens":3,"completionTokens":5}}',
+])
+EXPECTED = [
+    ArenaEvent("reasoning", "a", "Let me think… "),
+    ArenaEvent("reasoning", "a", "about ünïcode"),
+    ArenaEvent("text", "a", "Hello, "),
+    ArenaEvent("text", "a", "wörld 👋\n"),
+    ArenaEvent("heartbeat", "a"),
+    ArenaEvent("citation", "a"),
+    ArenaEvent("image", "a", "https://arena.ai/i.png"),
+    ArenaEvent("text", "b", "side b"),
+    ArenaEvent("error", "a", "the model failed"),
+    ArenaEvent("error", "a", "the arena refused the request or the model is unavailable "
+                             "(hasArenaError)"),
+    ArenaEvent("finish", "a", "stop"),
+]
+
+
+def parse_in_pieces(pieces) -> list[ArenaEvent]:
+    parser = LineParser()
+    events = []
+    for piece in pieces:
+        events += parser.feed(piece)
+    return events + parser.close()
+
+
+def test_the_whole_answer_at_once():
+    events = parse_in_pieces([ANSWER])
+    assert events == EXPECTED
+    assert events[-1].data == {"promptTokens": 3, "completionTokens": 5}
+
+
+def test_cut_at_every_byte_gives_the_same_events():
+    raw = ANSWER.encode()
+    for cut in range(len(raw) + 1):
+        assert parse_in_pieces([raw[:cut], raw[cut:]]) == EXPECTED, cut
+
+
+def test_cut_at_every_pair_of_characters_gives_the_same_events():
+    for first in range(0, len(ANSWER) + 1, 7):
+        for second in range(first, len(ANSWER) + 1, 5):
+            pieces = [ANSWER[:first], ANSWER[first:second], ANSWER[second:]]
+            assert parse_in_pieces(pieces) == EXPECTED, (first, second)
+
+
+def test_byte_by_byte():
+    assert parse_in_pieces([bytes([b]) for b in ANSWER.encode()]) == EXPECTED
+
+
+def test_crlf_lines_and_a_final_newline():
+    assert parse_in_pieces(['a0:"x"\r\n', 'ad:{"finishReason":"length"}\r\n']) == [
+        ArenaEvent("text", "a", "x"), ArenaEvent("finish", "a", "length")]
+
+
+@pytest.mark.parametrize("line", ['a0:"unterminated', "a0:", 'a0:123', "ad:[]", "zz:1", ""])
+def test_lines_that_mean_nothing_are_ignored(line):
+    assert arena.parse_line(line) == []
+
+
+def test_uuid7_has_the_time_first_and_the_v7_marks():
+    before = int(time.time() * 1000)
+    value = uuid.UUID(arena.uuid7())
+    after = int(time.time() * 1000)
+    assert value.version == 7 and value.variant == uuid.RFC_4122
+    assert before <= value.int >> 80 <= after
+    assert len({arena.uuid7() for _ in range(1000)}) == 1000
+
+
+def test_a_lone_user_message_is_sent_as_it_is():
+    assert arena.pack(arena.turns_of([{"role": "user", "content": "hi"}])) == "hi"
+
+
+def test_a_history_is_packed_as_a_transcript():
+    turns = arena.turns_of([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "What is 2+2?"}]},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+    ])
+    assert arena.pack(turns) == ("Conversation transcript:\n\nSystem: Be brief.\n\n"
+                                 "User: What is 2+2?\n\nAssistant: 4\n\nUser: And 3+3?")
+
+
+@pytest.mark.parametrize("messages, code", [
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+     "ATTACHMENTS_NOT_SUPPORTED"),
+    ([{"role": "wizard", "content": "x"}], "INVALID_REQUEST"),
+    ([{"role": "system", "content": "x"}], "INVALID_REQUEST"),
+    ([{"role": "user", "content": "x" * (arena.MAX_PROMPT + 1)}], "PROMPT_TOO_LONG"),
+])
+def test_what_cannot_be_sent_is_refused_with_a_code(messages, code):
+    with pytest.raises(ApiError) as caught:
+        arena.pack(arena.turns_of(messages))
+    assert caught.value.code == code
+
+
+def test_each_attempt_has_fresh_ids():
+    path, first = arena.request_body(model_id="m", content="hi", modality="chat")
+    _, second = arena.request_body(model_id="m", content="hi", modality="chat")
+    assert path == arena.CREATE_PATH and first["mode"] == "direct"
+    ids = lambda body: {body["id"], body["userMessageId"], body["modelAMessageId"]}  # noqa: E731
+    assert len(ids(first) | ids(second)) == 6
+    assert first["userMessage"] == {"content": "hi", "experimental_attachments": [],
+                                    "metadata": {}}
+    assert first["recaptchaV3Token"] is None  # the tab mints it
+
+
+def test_a_follow_up_keeps_the_evaluation_id_and_has_no_mode():
+    path, body = arena.request_body(model_id="m", content="more", modality="chat",
+                                    evaluation_id="0199e8a0-0000-7000-8000-00000000000a")
+    assert path == "/nextjs-api/stream/post-to-evaluation/0199e8a0-0000-7000-8000-00000000000a"
+    assert body["id"] == "0199e8a0-0000-7000-8000-00000000000a" and "mode" not in body
+
+
+MODELS = [{"id": "u1", "publicName": "chat-1", "capabilities": {
+              "outputCapabilities": {"text": True}}},
+          {"id": "u2", "publicName": "painter", "capabilities": {
+              "outputCapabilities": {"image": {"aspectRatios": ["1:1"]}}}},
+          {"id": "u3", "publicName": "finder", "capabilities": {
+              "outputCapabilities": {"search": True}}},
+          {"publicName": "no id"}]
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda data: data,  # plain JSON in a script
+    lambda data: json.dumps(data)[1:-1],  # inside a JS string, as Next.js pushes it
+    lambda data: json.dumps(json.dumps(data))[1:-1],  # escaped twice
+], ids=["plain", "escaped", "escaped-twice"])
+def test_models_are_found_in_the_page(wrap):
+    data = '{"initialModels":' + json.dumps(MODELS) + ',"initialModelAId":"u1"}'
+    source = 'self.__next_f.push([1,"' + wrap(data) + '"])'
+    models = arena.parse_models(source)
+    assert [(m.id, m.public_name, m.modality) for m in models] == [
+        ("u1", "chat-1", "chat"), ("u2", "painter", "image"), ("u3", "finder", "search")]
+
+
+def test_a_page_without_models_has_none():
+    assert arena.parse_models("<html></html>") == []
+    assert arena.parse_models('"initialModels":[{"broken"') == []
+    assert arena.parse_models(None) == []

@@ -1,0 +1,238 @@
+"""The tab channel and the tab upstream over real loopback HTTP, with a tab written in
+Python that speaks to /tab/* exactly as the userscript does (the browser tests show the
+real script doing it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+import treq
+
+from conftest import call
+
+ARENA_PAGE = 'self.__next_f.push([1,"' + json.dumps(json.dumps({"initialModels": [
+    {"id": "0199e8a0-0000-7000-8000-000000000001", "publicName": "fake-chat",
+     "capabilities": {"outputCapabilities": {"text": True}}},
+    {"id": "0199e8a0-0000-7000-8000-000000000003", "publicName": "fake-image",
+     "capabilities": {"outputCapabilities": {"image": True}}}]}))[1:-1] + '"])'
+
+
+class PyTab:
+    def __init__(self, gw, name: str, *, domain: str = "arena.ai", token: str | None = None,
+                 tab_id: str = "tab-python-1") -> None:
+        self.gw = gw
+        tokens = gw.service.getServiceNamed("registration-tokens")
+        self.ident = {"session_name": name, "domain": domain, "tab_id": tab_id,
+                      "registration_token": token if token is not None else tokens.token_for(name)}
+
+    async def send(self, path: str, **fields):
+        return await call("POST", self.gw.url + path, {**self.ident, **fields})
+
+    async def connect(self):
+        status, _, body = await self.send("/tab/connect", models_source=ARENA_PAGE)
+        assert status == 200, body
+        return body
+
+    async def job(self):
+        status, _, body = await self.send("/tab/poll", timeout_seconds=5)
+        assert status == 200, (status, body)
+        return body
+
+    async def push(self, job, **fields):
+        status, _, body = await self.send("/tab/push", job_id=job["job_id"], **fields)
+        assert status == 200, body
+        return body
+
+
+async def gateway(gateway_factory, **overrides):
+    overrides.setdefault("domains", ("arena.ai", "lmarena.ai"))
+    return await gateway_factory(**overrides)
+
+
+def chat(gw, *, stream: bool, model: str = "fake-chat", session: str = "alpha", **extra):
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream,
+            **extra}
+    return treq.post(gw.url + "/v1/chat/completions", json.dumps(body).encode(),
+                     headers={"Content-Type": "application/json", "X-Session-Name": session,
+                              "X-Target-Domain": "arena.ai"})
+
+
+def events(raw: bytes) -> list:
+    found = []
+    for block in raw.decode().split("\n\n"):
+        if block.startswith("data: "):
+            data = block[len("data: "):]
+            found.append(data if data == "[DONE]" else json.loads(data))
+    return found
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tab_with_a_bad_token_or_domain_is_refused(gateway_factory):
+    gw = await gateway(gateway_factory)
+    beta = gw.service.getServiceNamed("registration-tokens").token_for("beta")
+    cases = [(PyTab(gw, "alpha", token=beta), 403, "REGISTRATION_TOKEN_INVALID"),
+             (PyTab(gw, "alpha", token="lmrt1.0.nope"), 403, "REGISTRATION_TOKEN_INVALID"),
+             (PyTab(gw, "alpha", token=""), 401, "REGISTRATION_TOKEN_REQUIRED"),
+             (PyTab(gw, "alpha", domain="evil.example"), 400, "INVALID_DOMAIN"),
+             (PyTab(gw, "alpha", tab_id="x"), 400, "INVALID_TAB_ID")]
+    for tab, status, code in cases:
+        for path in ("/tab/connect", "/tab/poll", "/tab/push"):
+            got, _, body = await tab.send(path, job_id="j")
+            assert (got, body["error"]["code"]) == (status, code), (path, code)
+    assert gw.store.records() == []
+    assert gw.service.getServiceNamed("tabs").snapshot() == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tab_creates_its_session_within_the_limit(gateway_factory):
+    gw = await gateway(gateway_factory, max_sessions_per_domain=1)
+    hello = await PyTab(gw, "alpha").connect()
+    assert hello["models"] == ["fake-chat", "fake-image"]
+    record = gw.store.get("arena.ai", "alpha")
+    assert record is not None and record.session_id is None and record.upstream is None
+    status, _, body = await PyTab(gw, "beta").send("/tab/connect", models_source="")
+    assert (status, body["error"]["code"]) == (409, "SESSION_LIMIT")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unknown_tab_is_asked_to_connect_again(gateway_factory):
+    gw = await gateway(gateway_factory)
+    status, _, body = await PyTab(gw, "alpha").send("/tab/poll")
+    assert (status, body["error"]["code"]) == (409, "TAB_UNKNOWN")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_becomes_openai_chunks_with_usage_and_done(gateway_factory):
+    gw = await gateway(gateway_factory)
+    tab = PyTab(gw, "alpha")
+    await tab.connect()
+    polled = tab.job()
+    pending = chat(gw, stream=True, stream_options={"include_usage": True})
+    job = await polled
+    body = json.loads(job["payload"]["body"])
+    assert job["payload"]["url"] == "/nextjs-api/stream/create-evaluation"
+    assert body["modelAId"] == "0199e8a0-0000-7000-8000-000000000001"
+    assert body["modality"] == "chat" and body["userMessage"]["content"] == "hi"
+    assert await tab.push(job, status=200, headers={"content-type": "text/event-stream"},
+                          text='ag:"hm"\na0:"Hel') == {"cancel": False}
+    await tab.push(job, text='lo"\na2:[{"type":"image","image":"https://x/i.png"}]\n')
+    await tab.push(job, text='ad:{"finishReason":"stop","usage":{"promptTokens":1,'
+                             '"completionTokens":2}}', done=True)
+    response = await pending
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == ["text/event-stream"]
+    seen = events(await treq.content(response))
+    assert seen[-1] == "[DONE]"
+    deltas = [e["choices"][0]["delta"] for e in seen[:-1] if e["choices"]]
+    # a line cut between two pushes is one delta, once it is whole
+    assert deltas == [{"role": "assistant", "reasoning_content": "hm"}, {"content": "Hello"},
+                      {"content": "\n\n![image](https://x/i.png)\n\n"}, {}]
+    assert seen[-3]["choices"][0]["finish_reason"] == "stop"
+    assert seen[-2]["choices"] == [] and seen[-2]["usage"] == {
+        "prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    assert len({e["id"] for e in seen[:-1]}) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_model_error_mid_stream_is_an_error_event_then_done(gateway_factory):
+    gw = await gateway(gateway_factory)
+    tab = PyTab(gw, "alpha")
+    await tab.connect()
+    polled = tab.job()
+    pending = chat(gw, stream=True)
+    job = await polled
+    await tab.push(job, status=200, text='a0:"partial"\n')
+    reply = await tab.push(job, text='a3:"overloaded"\n')
+    assert reply == {"cancel": True}  # the answer is over: the tab stops reading
+    seen = events(await treq.content(await pending))
+    assert seen[0]["choices"][0]["delta"]["content"] == "partial"
+    assert seen[1] == {"error": {"message": "LMArena: overloaded", "type": "upstream_error",
+                                 "code": "ARENA_MODEL_ERROR"}}
+    assert seen[2] == "[DONE]"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tab_lost_mid_stream_ends_with_tab_lost(gateway_factory):
+    gw = await gateway(gateway_factory)
+    tab = PyTab(gw, "alpha")
+    await tab.connect()
+    polled = tab.job()
+    pending = chat(gw, stream=True)
+    job = await polled
+    await tab.push(job, status=200, text='a0:"par')
+    registry = gw.service.getServiceNamed("tabs")
+    registry.disconnect(registry.tab("arena.ai", "alpha", "tab-python-1"), "closed")
+    seen = events(await treq.content(await pending))
+    assert seen[-2]["error"]["code"] == "TAB_LOST" and seen[-1] == "[DONE]"
+
+
+@pytest_twisted.ensureDeferred
+async def test_non_stream_answers_and_images(gateway_factory):
+    gw = await gateway(gateway_factory)
+    tab = PyTab(gw, "alpha")
+    await tab.connect()
+    polled = tab.job()
+    pending = chat(gw, stream=False)
+    job = await polled
+    await tab.push(job, status=200, text='ag:"r"\na0:"x"\nad:{"finishReason":"content-filter"}\n',
+                   done=True)
+    answer = json.loads(await treq.content(await pending))
+    assert answer["object"] == "chat.completion"
+    assert answer["choices"][0] == {"index": 0, "finish_reason": "content_filter", "message": {
+        "role": "assistant", "content": "x", "reasoning_content": "r"}}
+    polled = tab.job()
+    pending = treq.post(gw.url + "/v1/images/generations", json.dumps(
+        {"prompt": "a cat", "model": "fake-image"}).encode(),
+        headers={"Content-Type": "application/json", "X-Session-Name": "alpha",
+                 "X-Target-Domain": "arena.ai"})
+    job = await polled
+    assert json.loads(job["payload"]["body"])["modality"] == "image"
+    await tab.push(job, status=200, text='a2:[{"type":"image","image":"https://x/c.png"}]\n',
+                   done=True)
+    images = json.loads(await treq.content(await pending))
+    assert images["data"] == [{"url": "https://x/c.png"}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_arena_rate_limit_is_429_with_its_retry_after(gateway_factory):
+    gw = await gateway(gateway_factory)
+    tab = PyTab(gw, "alpha")
+    await tab.connect()
+    polled = tab.job()
+    pending = chat(gw, stream=True)
+    job = await polled
+    await tab.push(job, status=429, headers={"retry-after": "42"},
+                   text='{"error":"Too many requests"}', done=True)
+    response = await pending
+    assert response.code == 429 and response.headers.getRawHeaders("retry-after") == ["42"]
+    body = json.loads(await treq.content(response))
+    assert body["error"]["code"] == "ARENA_RATE_LIMITED"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_busy_session_queues_then_answers_429(gateway_factory):
+    gw = await gateway(gateway_factory, tab_queue=1)
+    tab = PyTab(gw, "alpha")
+    await tab.connect()
+    polled = tab.job()
+    first = chat(gw, stream=False)
+    await polled
+    second = chat(gw, stream=False)
+    response = await chat(gw, stream=False)
+    assert response.code == 429 and response.headers.getRawHeaders("retry-after") == ["5"]
+    assert json.loads(await treq.content(response))["error"]["code"] == "SESSION_BUSY"
+    for pending in (first, second):
+        pending.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_and_metrics_count_the_tabs(gateway_factory):
+    gw = await gateway(gateway_factory)
+    await PyTab(gw, "alpha").connect()
+    await PyTab(gw, "beta", tab_id="tab-python-2").connect()
+    status, _, health = await call("GET", gw.url + "/health")
+    assert health["tabs"] == {"arena.ai": 2, "lmarena.ai": 0}
+    status, _, metrics = await call("GET", gw.url + "/metrics")
+    assert b'lmgateway_tabs{domain="arena.ai"} 2.0' in metrics
