@@ -19,7 +19,7 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from . import arena
-from .errors import ApiError
+from .errors import ApiError, set_error_headers
 from .refusals import refusal
 from .relay import Relay, set_status, sse_error
 from .tabs import IJobSink, SessionTabs, TabRegistry
@@ -263,6 +263,7 @@ class TabAnswer:
         if status == 429:
             kind = "rate_limit_error"
         body = json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
+        set_error_headers(self.request, code)
         self._reply(status, body)
 
     def _reply(self, status: int, body: bytes) -> None:

@@ -192,7 +192,7 @@ def test_a_session_without_a_tab_gets_its_error_at_once(tabs, gateway):
         "message_id": "87654321-4321-4321-4321-cba987654321"})
     with pytest.raises(openai.APIStatusError) as caught:
         ask(gateway, "delta", "hello", stream=False)
-    assert caught.value.body["code"] == "BRIDGE_UNAVAILABLE"
+    assert caught.value.body["code"] == "BRIDGE_ERROR"
     assert time.monotonic() - started < 10  # neither waited for a tab
 
 
