@@ -15,11 +15,11 @@ import json
 import re
 import secrets
 import sys
+from typing import Any
 
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-
 
 log = Logger()
 COOKIE = b"arena-auth-prod-v1"
@@ -303,12 +303,13 @@ class FakeArena:
 
 
 def main(listen: str, delay_ms: float, chunks: int) -> int:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
+    reactor: Any = _reactor
     from twisted.internet.endpoints import serverFromString
     from twisted.logger import globalLogBeginner, textFileLogObserver
     from twisted.web.server import Site
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])  # type: ignore[list-item]
     arena = FakeArena(reactor, delay=delay_ms / 1000.0, chunks=chunks)
 
     def listening(port):

@@ -23,8 +23,7 @@ from .errors import ApiError, parse_json, render_error, write_json
 from .metrics import Metrics
 from .proxy import Proxy, request_id
 from .security import AdminAuth, ClientKeys, is_admin_path, require_bridge_allowed
-from .sessions import (check_domain, check_session_name, check_session_room, trimmed,
-                       validate_registration)
+from .sessions import check_domain, check_session_name, check_session_room, trimmed, validate_registration
 from .tabchannel import TabChannel
 
 log = Logger()

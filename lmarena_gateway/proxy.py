@@ -9,6 +9,7 @@ import json
 import re
 import time
 import uuid
+from typing import Any
 
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, maybeDeferred
@@ -303,7 +304,8 @@ class Proxy:
         bytes (the upstream's error, already set on the request)."""
         route = self.route(request, required=False)
         request.setHeader(b"X-Request-ID", request_id(request).encode())
-        return maybeDeferred(route.upstream.models, request, route)
+        upstream: Any = route.upstream
+        return maybeDeferred(upstream.models, request, route)
 
     @inlineCallbacks
     def bridge_models(self, request, record):

@@ -231,7 +231,7 @@ def validate_registration(body, domains, *, ids_optional: bool = False) -> Regis
         upstream = None
     elif upstream not in UPSTREAMS:
         raise _bad("INVALID_UPSTREAM", "upstream must be \"tab\" or absent")
-    required = REQUIRED
+    required: tuple[str, ...] = REQUIRED
     without_ids = all(body.get(n) in (None, "") for n in ("session_id", "message_id"))
     if without_ids and (upstream == "tab" or ids_optional):
         required = ("domain", "session_name")

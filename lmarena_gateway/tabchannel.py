@@ -7,14 +7,13 @@ A's tab can never take team B's requests.
 
 from __future__ import annotations
 
-import json
 import re
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
 from .arena import parse_models
-from .errors import ApiError, write_json
+from .errors import ApiError, parse_json, write_json
 from .sessions import Registration, check_domain, check_session_name, check_session_room
 
 log = Logger()
@@ -36,10 +35,7 @@ class TabChannel:
         raw = request.content.read(limit + 1)
         if len(raw) > limit:
             raise ApiError(413, "BODY_TOO_LARGE", f"the body is over {limit} bytes")
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
+        body = parse_json(raw)
         if not isinstance(body, dict):
             raise ApiError(400, "INVALID_JSON", "the body must be a JSON object")
         return body
@@ -76,7 +72,8 @@ class TabChannel:
     @inlineCallbacks
     def connect(self, request):
         body, domain, name, tab_id = self._identify(request, MAX_CONNECT_BODY)
-        models = parse_models(body.get("models_source"))
+        source = body.get("models_source")
+        models = parse_models(source if isinstance(source, str) else "")
         if self.store.get(domain, name) is None:
             # A tab with a valid token creates its session, as a registration would.
             check_session_room(self.store, domain, name, self.config.max_sessions_per_domain)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import secrets
 from collections import deque
-from typing import Iterator
+from typing import Any, Iterator
 
 from attrs import define, field
 from twisted.application.service import Service
@@ -55,7 +55,7 @@ class Job:
     """One LMArena call to be run by a tab of one session."""
 
     payload: dict
-    sink: object  # IJobSink
+    sink: Any  # IJobSink
     pinned_tab: str | None = None  # a conversation keeps to the tab that created it
     job_id: str = field(factory=lambda: f"j{next(_job_ids)}-{secrets.token_hex(4)}")
     tab: "Tab | None" = None
@@ -75,7 +75,7 @@ class Tab:
     job: Job | None = None
     last_error: str | None = None
     served: int = 0
-    _timer: object = None
+    _timer: Any = None
 
     @property
     def busy(self) -> bool:
@@ -278,7 +278,7 @@ class TabRegistry(Service):
         """Run ``payload`` on an idle tab of the session, or queue it; 429 when full."""
         job = Job(payload, sink, pinned_tab=pinned)
         tab = session.idle(pinned)
-        if tab is not None:
+        if tab is not None and tab.waiting is not None:
             waiting, tab.waiting = tab.waiting, None
             self._start(tab, job)
             waiting.callback(job)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
-from twisted.web.client import ResponseDone
-from twisted.python.failure import Failure
-from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from zope.interface import implementer
 
 from . import arena
 from .errors import ApiError, set_error_headers
@@ -80,7 +81,7 @@ class TabAnswer:
         self.chunks = Chunks(model, int(upstream.clock.seconds()))
         self.session_name = ""
         self.domain = ""
-        self.job = None
+        self.job: Any = None
         self.relay: Relay | None = None
         self.text_parts: list[str] = []
         self.reasoning_parts: list[str] = []
@@ -214,7 +215,8 @@ class TabAnswer:
         if self.relay is not None:
             tail = self.chunks.event({}, reason)
             if self.include_usage:
-                tail += self.chunks.usage(self.usage or arena.usage_of({}))
+                tail += self.chunks.usage(self.usage or {"prompt_tokens": 0, "completion_tokens": 0,
+                                                         "total_tokens": 0})
             self.relay.dataReceived(tail + b"data: [DONE]\n\n")
             self.relay.connectionLost(Failure(ResponseDone()))
             return

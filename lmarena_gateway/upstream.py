@@ -6,6 +6,8 @@ answer through the shared relay and error envelopes.
 
 from __future__ import annotations
 
+from typing import Any
+
 from attrs import frozen
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -20,9 +22,11 @@ class IUpstream(Interface):
 
     def chat(request, route: "Route", body: dict, raw: bytes) -> Deferred:
         """Answer a chat completion (stream or not); fires when the response is written."""
+        raise NotImplementedError
 
     def images(request, route: "Route", body: dict, raw: bytes) -> Deferred:
         """Answer an image generation."""
+        raise NotImplementedError
 
     def models(request, route: "Route"):
         """The model list for the route's session: bytes, or a Deferred firing with them."""
@@ -35,5 +39,5 @@ class Route:
     domain: str
     session_name: str
     record: SessionRecord | None
-    tabs: object = None  # tabs.SessionTabs serving it, or None: the bridge path
-    upstream: object = None  # the IUpstream chosen
+    tabs: Any = None  # tabs.SessionTabs serving it, or None: the bridge path
+    upstream: Any = None  # the IUpstream chosen

@@ -11,9 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import REQUIRE_ALL, Daemon, http, require_binary, wait_for
 from lmarena_gateway.userscript import render_script
-from tabbrowser import Browser, FakeArenaProcess, Tab, tabs_of
+
+from support.processes import REQUIRE_ALL, Daemon, http, require_binary, wait_for
+from support.tabbrowser import Browser, FakeArenaProcess, Tab, tabs_of
 
 try:
     import openai
@@ -109,12 +110,12 @@ def test_two_tabs_serve_two_sessions_at_once_never_mixed(tabs, gateway, arena):
                 [(s, st) for s in ("alpha", "beta") for st in (True, False)] * 2)]
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(lambda j: ask(gateway, j[0], j[2], stream=j[1]), jobs))
-    for (session, stream, text), (content, _) in zip(jobs, answers):
+    for (session, stream, text), (content, _) in zip(jobs, answers, strict=True):
         account = {"alpha": "alice", "beta": "bob"}[session]
         assert content.startswith(f"[{account}] turn 1 of "), (session, stream, content)
         assert content.endswith(f"you said {text}")
     seen = [e for e in arena.events() if e["event"] == "request"]
-    for session, stream, text in jobs:
+    for session, _stream, text in jobs:
         account = {"alpha": "alice", "beta": "bob"}[session]
         assert [e["account"] for e in seen if e["content"] == text] == [account]
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import pytest_twisted
 import treq
 
-from conftest import call
+from support.client import call
 
 ARENA_PAGE = 'self.__next_f.push([1,"' + json.dumps(json.dumps({"initialModels": [
     {"id": "0199e8a0-0000-7000-8000-000000000001", "publicName": "fake-chat",

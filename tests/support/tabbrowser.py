@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from conftest import bin_path, free_port, http, wait_for
+from support.processes import bin_path, free_port, http, wait_for
 
 GM_WRAPPER = """(function () {
   var GM_xmlhttpRequest = function (details) {
