@@ -143,6 +143,8 @@ class Gateway:
         }
         if self.tabs is not None:
             health["tabs"] = self.tabs.per_domain(self.config.domains)
+            # per session: its tabs (connected since, busy, last error), busy count, queue
+            health["tab_sessions"] = self.tabs.snapshot()
         return write_json(request, 200, health)
 
     # --- sessions ---

@@ -88,6 +88,18 @@ class _TabsCollector:
         for domain, count in sorted(self.registry.per_domain(self.domains).items()):
             family.add_metric([domain], count)
         yield family
+        # Per session: bounded by --max-sessions-per-domain, and only sessions with a tab.
+        shapes = {"tabs": "Connected tabs of a session", "busy": "Tabs answering right now",
+                  "queued": "Requests waiting for a tab of the session"}
+        families = {k: GaugeMetricFamily(f"lmgateway_session_{k}", text,
+                                         labels=["domain", "session"])
+                    for k, text in shapes.items()}
+        for domain, sessions in self.registry.snapshot().items():
+            for name, shown in sessions.items():
+                families["tabs"].add_metric([domain, name], len(shown["tabs"]))
+                families["busy"].add_metric([domain, name], shown["busy"])
+                families["queued"].add_metric([domain, name], shown["queued"])
+        yield from families.values()
 
 
 def route_of(request) -> str:

@@ -91,6 +91,9 @@ class TabAnswer:
         self.failed: tuple[str, str] | None = None  # (code, message) of an arena error
         self.done = False
         self.refused: tuple[int, dict] | None = None  # the arena's error status, headers
+        self.tabs: Any = None  # the SessionTabs the job runs on (for retries)
+        self.payload_for: Any = None  # () -> a new job payload with fresh ids
+        self.retries = {"recaptcha": 1, "empty": 2}  # what may still be tried again
         self.error_body: list[str] = []
         self.sent_at = time.monotonic()
         self._deadline = upstream.clock.callLater(self.config.stream_idle_timeout, self._timeout)
@@ -209,6 +212,13 @@ class TabAnswer:
         return f"the tab of session {self.session_name} on {self.domain}"
 
     def _complete(self) -> None:
+        if not (self.text_parts or self.reasoning_parts or self.images):
+            # 200 with no content: LMArena does this now and then; fresh ids, twice more
+            if self._again("empty"):
+                return
+            self._fail(502, "ARENA_EMPTY_ANSWER", "LMArena answered with nothing, three times; "
+                       "retry later or pick another model")
+            return
         self.done = True
         self._deadline_off()
         reason = self.finish_reason or "stop"
@@ -242,9 +252,30 @@ class TabAnswer:
         if not self.finished.called:
             self.finished.callback(None)
 
+    def _again(self, why: str) -> bool:
+        """Run the request once more with fresh ids (and a fresh token), if that is still
+        allowed: only before the first chunk reached the client."""
+        if self.retries.get(why, 0) <= 0 or self.chunks.started or self.payload_for is None:
+            return False
+        self.retries[why] -= 1
+        self.upstream.metrics.upstream_error(f"ARENA_{why.upper()}_RETRIED")
+        log.info("tab {session}@{domain}: retrying after {why}", session=self.session_name,
+                 domain=self.domain, why=why)
+        self.parser = arena.LineParser()
+        self.refused, self.error_body = None, []
+        self.finish_reason, self.usage, self.failed = None, None, None
+        self.text_parts, self.reasoning_parts, self.images = [], [], []
+        try:
+            self.job = self.upstream.registry.submit(self.tabs, self.payload_for(), self)
+        except ApiError as e:
+            self._fail(e.status, e.code, e.message)
+        return True
+
     def _refused(self, code: int, headers: dict, body: str) -> None:
         """The arena said no: an HTTP error, or an event when the stream has started."""
         found = refusal(code, headers, body, self.session_name, self.domain)
+        if found.retry == "recaptcha" and self._again("recaptcha"):
+            return
         if self.relay is None:
             for name, value in found.headers.items():
                 self.request.setHeader(name.encode(), value.encode())
@@ -325,20 +356,24 @@ class TabUpstream:
 
     def _run(self, request, tabs: SessionTabs, *, kind: str, model: arena.ArenaModel,
              content: str, stream: bool, include_usage: bool, requested: str) -> Deferred:
-        path, body = arena.request_body(model_id=model.id, content=content,
-                                        modality=model.modality)
-        payload = {"url": path, "method": "POST",
-                   "headers": {"Content-Type": "text/plain;charset=UTF-8"},
-                   "body": json.dumps(body), "recaptcha": {"action": "chat_submit",
-                                                           "field": "recaptchaV3Token"}}
+        def payload_for() -> dict:
+            # each attempt has fresh ids; the tab mints a fresh token for each
+            path, body = arena.request_body(model_id=model.id, content=content,
+                                            modality=model.modality)
+            return {"url": path, "method": "POST",
+                    "headers": {"Content-Type": "text/plain;charset=UTF-8"},
+                    "body": json.dumps(body), "recaptcha": {"action": "chat_submit",
+                                                            "field": "recaptchaV3Token"}}
+
         answer: list[TabAnswer] = []
         finished: Deferred = Deferred(lambda _: answer[0].cancel() if answer else None)
         sink = TabAnswer(self, request, kind=kind, model=requested, stream=stream,
                          include_usage=include_usage, finished=finished)
         sink.session_name, sink.domain = tabs.session_name, tabs.domain
+        sink.tabs, sink.payload_for = tabs, payload_for
         answer.append(sink)
         try:
-            sink.job = self.registry.submit(tabs, payload, sink)
+            sink.job = self.registry.submit(tabs, payload_for(), sink)
         except ApiError as e:
             sink.done = True
             sink._deadline_off()

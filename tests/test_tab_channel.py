@@ -8,6 +8,7 @@ import json
 
 import pytest_twisted
 import treq
+from twisted.internet.defer import ensureDeferred
 
 from support.client import call
 
@@ -34,7 +35,11 @@ class PyTab:
         assert status == 200, body
         return body
 
-    async def job(self):
+    def job(self):
+        """A Deferred (cancellable) of the next job."""
+        return ensureDeferred(self._job())
+
+    async def _job(self):
         status, _, body = await self.send("/tab/poll", timeout_seconds=5)
         assert status == 200, (status, body)
         return body
@@ -235,3 +240,107 @@ async def test_health_and_metrics_count_the_tabs(gateway_factory):
     assert health["tabs"] == {"arena.ai": 2, "lmarena.ai": 0}
     status, _, metrics = await call("GET", gw.url + "/metrics")
     assert b'lmgateway_tabs{domain="arena.ai"} 2.0' in metrics
+    assert b'lmgateway_session_tabs{domain="arena.ai",session="alpha"} 1.0' in metrics
+    assert b'lmgateway_session_queued{domain="arena.ai",session="beta"} 0.0' in metrics
+    alpha = health["tab_sessions"]["arena.ai"]["alpha"]
+    assert (len(alpha["tabs"]), alpha["busy"], alpha["queued"]) == (1, 0, 0)
+
+
+async def answer_with(tab, job, status, text, headers=None):
+    return await tab.push(job, status=status, headers=headers or {}, text=text, done=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_recaptcha_is_retried_once_with_fresh_ids(gateway_factory):
+    gw = await gateway(gateway_factory)
+    tab = PyTab(gw, "alpha")
+    await tab.connect()
+    polled = tab.job()
+    pending = chat(gw, stream=False)
+    first = await polled
+    await answer_with(tab, first, 403, '{"error":"recaptcha validation failed"}')
+    second = await tab.job()  # the retry waited for the tab to poll again
+    ids = lambda job: {json.loads(job["payload"]["body"])[k]  # noqa: E731
+                       for k in ("id", "userMessageId", "modelAMessageId")}
+    assert not ids(first) & ids(second)
+    await answer_with(tab, second, 200, 'a0:"ok"\nad:{"finishReason":"stop"}\n')
+    answer = json.loads(await treq.content(await pending))
+    assert answer["choices"][0]["message"]["content"] == "ok"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_recaptcha_refused_twice_is_502(gateway_factory):
+    gw = await gateway(gateway_factory)
+    tab = PyTab(gw, "alpha")
+    await tab.connect()
+    polled = tab.job()
+    pending = chat(gw, stream=False)
+    for attempt in range(2):
+        job = await polled
+        await answer_with(tab, job, 403, '{"error":"recaptcha validation failed"}')
+        if attempt < 1:
+            polled = tab.job()
+    response = await pending
+    assert response.code == 502
+    assert json.loads(await treq.content(response))["error"]["code"] == "ARENA_RECAPTCHA_FAILED"
+    session = gw.service.getServiceNamed("tabs").session("arena.ai", "alpha")
+    assert list(session.queue) == []  # no third attempt
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_answers_are_retried_twice_then_502_mid_stream(gateway_factory):
+    gw = await gateway(gateway_factory)
+    tab = PyTab(gw, "alpha")
+    await tab.connect()
+    polled = tab.job()
+    pending = chat(gw, stream=True)
+    for attempt in range(3):
+        job = await polled
+        await answer_with(tab, job, 200, 'ad:{"finishReason":"stop"}\n')
+        if attempt < 2:
+            polled = tab.job()
+    response = await pending
+    assert response.code == 200  # the stream had started: the error is an event
+    seen = events(await treq.content(response))
+    assert seen[-2]["error"]["code"] == "ARENA_EMPTY_ANSWER" and seen[-1] == "[DONE]"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refusal_after_the_stream_started_is_an_event(gateway_factory):
+    gw = await gateway(gateway_factory)
+    tab = PyTab(gw, "alpha")
+    await tab.connect()
+    polled = tab.job()
+    pending = chat(gw, stream=True)
+    job = await polled
+    await answer_with(tab, job, 200, "")  # empty: retried, the stream has begun
+    job = await tab.job()
+    await answer_with(tab, job, 403, "<!DOCTYPE html><title>Just a moment...</title>")
+    seen = events(await treq.content(await pending))
+    assert seen[-2]["error"]["code"] == "ARENA_CHALLENGE"
+    assert "solve the check in the arena.ai tab of session alpha" in seen[-2]["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_tabs_of_one_team_answer_at_once_a_third_waits_a_fourth_is_429(gateway_factory):
+    gw = await gateway(gateway_factory, tab_queue=1)
+    one, two = PyTab(gw, "alpha", tab_id="tab-window-1"), PyTab(gw, "alpha", tab_id="tab-window-2")
+    await one.connect()
+    await two.connect()
+    polls = [one.job(), two.job()]
+    first, second = chat(gw, stream=False), chat(gw, stream=False)
+    jobs = [await p for p in polls]  # each idle tab took one request
+    third = chat(gw, stream=False)
+    response = await chat(gw, stream=False)
+    assert response.code == 429 and response.headers.getRawHeaders("retry-after") == ["5"]
+    session = gw.service.getServiceNamed("tabs").session("arena.ai", "alpha")
+    assert len(session.queue) == 1 and session.public()["busy"] == 2
+    for tab, job, word in ((one, jobs[0], "one"), (two, jobs[1], "two")):
+        await answer_with(tab, job, 200, f'a0:"{word}"\nad:{{"finishReason":"stop"}}\n')
+    answers = {json.loads(await treq.content(await d))["choices"][0]["message"]["content"]
+               for d in (first, second)}
+    assert answers == {"one", "two"}
+    job = await one.job()  # the waiting request goes to the first tab that asks
+    await answer_with(one, job, 200, 'a0:"three"\n')
+    assert json.loads(await treq.content(await third))["choices"][0]["message"]["content"] == "three"
