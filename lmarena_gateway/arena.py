@@ -97,6 +97,22 @@ def pack(turns: list[Turn]) -> str:
     return text
 
 
+def split_history(turns: list[Turn]) -> tuple[list[Turn], list[Turn]]:
+    """(history, the rest): the history is everything before the last user message."""
+    last = max(i for i, t in enumerate(turns) if t.role == "user")
+    return turns[:last], turns[last:]
+
+
+def history_digest(turns: list[Turn]) -> str:
+    """What identifies a conversation without keeping its text: a SHA-256 of every turn's
+    role and text, in order. Any change of role, content or order changes it."""
+    import hashlib
+
+    canonical = json.dumps([[t.role, t.text] for t in turns], ensure_ascii=False,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def request_body(*, model_id: str, content: str, modality: str,
                  evaluation_id: str | None = None) -> tuple[str, dict]:
     """(path, body) of one attempt, with fresh ids; a follow-up when given an evaluation id.

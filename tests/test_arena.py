@@ -166,3 +166,31 @@ def test_a_page_without_models_has_none():
     assert arena.parse_models("<html></html>") == []
     assert arena.parse_models('"initialModels":[{"broken"') == []
     assert arena.parse_models(None) == []
+
+
+HISTORY = [arena.Turn("system", "Be brief."), arena.Turn("user", "2+2?"),
+           arena.Turn("assistant", "4")]
+
+
+def test_the_same_history_gives_the_same_digest():
+    again = [arena.Turn(t.role, t.text) for t in HISTORY]
+    assert arena.history_digest(HISTORY) == arena.history_digest(again)
+    assert len(arena.history_digest(HISTORY)) == 64
+
+
+@pytest.mark.parametrize("changed", [
+    [arena.Turn("developer", "Be brief."), *HISTORY[1:]],  # a role
+    [HISTORY[0], arena.Turn("user", "2+3?"), HISTORY[2]],  # a content
+    [HISTORY[1], HISTORY[0], HISTORY[2]],  # the order
+    HISTORY[:2],  # a turn fewer
+    [*HISTORY, arena.Turn("user", "")],  # a turn more, even an empty one
+    [arena.Turn("system", "Be brief"), *HISTORY[1:]],  # one character
+], ids=["role", "content", "order", "fewer", "more", "one-character"])
+def test_any_change_gives_a_new_digest(changed):
+    assert arena.history_digest(changed) != arena.history_digest(HISTORY)
+
+
+def test_the_history_is_what_comes_before_the_last_user_message():
+    turns = [*HISTORY, arena.Turn("user", "And 3+3?")]
+    history, rest = arena.split_history(turns)
+    assert history == HISTORY and rest == [arena.Turn("user", "And 3+3?")]
