@@ -27,7 +27,7 @@ from .bridge_client import BridgeClient, BridgeEndpoints
 from .config import GatewayConfig
 from .errors import ApiError, envelope, parse_json, set_error_headers
 from .metrics import Metrics
-from .relay import Relay, normalize_error, read_capped, set_status
+from .relay import Relay, normalize_error, read_capped, redact, set_status
 from .security import require_bridge_allowed
 from .sessions import SessionRecord, check_domain, check_session_name
 from .upstream import IUpstream, Route
@@ -423,6 +423,8 @@ class Proxy:
                                                 "BRIDGE_BAD_RESPONSE", "bridge_error")
             log.info("bridge {url} answered HTTP {status}", url=upstream.base_url,
                      status=status, request_id=request_id(request))
+        payload = redact(payload, (upstream.api_key, self.config.bridge_api_key,
+                                   self.config.admin_token))
         code = payload["error"]["code"]
         self.metrics.upstream_error(code)
         set_status(request, status)

@@ -63,6 +63,27 @@ def normalize_error(status: int, body: bytes) -> dict:
     return envelope(f"bridge: {message}", code, kind)
 
 
+REDACTED = "[redacted]"
+
+
+def redact(payload: dict, secrets) -> dict:
+    """The envelope with every secret we hold cut out of its strings.
+
+    A bridge may echo what it was sent (``Authorization: Bearer <bridge key>``) in an
+    error; that text must not reach the client, the metrics or the log.
+    """
+    secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+
+    def clean(value):
+        if not isinstance(value, str):
+            return value
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+        return value
+
+    return {"error": {key: clean(value) for key, value in payload["error"].items()}}
+
+
 def sse_error(message: str, code: str, kind: str = "bridge_error") -> bytes:
     """An error event and the end of the stream: what OpenAI clients can read mid-stream."""
     event = json.dumps(envelope(message, code, kind))
