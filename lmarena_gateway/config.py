@@ -242,10 +242,17 @@ def prepare_daemon(config: "GatewayConfig") -> None:
 
         if os.path.exists(config.storage) and not os.access(config.storage, os.R_OK | os.W_OK):
             raise ConfigError(f"{storage}: {config.storage!r} is not readable and writable")
+        what_to_do = ("restore a backup (lmgateway export --storage BACKUP > sessions.json, "
+                      "then lmgateway import sessions.json), or move it aside to start with "
+                      "no sessions")
         try:
-            sqlitedbm.open(config.storage, "c").close()
+            with sqlitedbm.open(config.storage, "c") as db:
+                problems = db.problems()
         except (OSError, sqlitedbm.error) as e:
-            raise ConfigError(f"{storage}: {e}") from None
+            raise ConfigError(f"{storage}: {e}; {what_to_do}") from None
+        if problems:
+            raise ConfigError(f"{storage}: {config.storage!r} is corrupt ({problems[0]}); "
+                              f"{what_to_do}")
 
 
 def _parse_redis_prefix(value: str) -> str:

@@ -101,6 +101,20 @@ class _Database:
             raise
         self._cx.execute("COMMIT")
 
+    def problems(self) -> list[str]:
+        """What SQLite's quick check finds wrong with the file; empty when it is sound."""
+        try:
+            rows = self._cx.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as e:
+            return [str(e)]
+        found = [line for row in rows if row[0] != "ok" for line in str(row[0]).splitlines()]
+        if not found:
+            try:  # every value must be readable too, not only the b-tree sound
+                self._cx.execute("SELECT sum(length(value)) FROM Dict").fetchone()
+            except sqlite3.DatabaseError as e:
+                found.append(str(e))
+        return found
+
     def data_version(self) -> int:
         """Changes whenever another connection (another process) commits a change."""
         return self._cx.execute("PRAGMA data_version").fetchone()[0]
