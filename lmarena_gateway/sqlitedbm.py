@@ -97,9 +97,17 @@ class _Database:
         try:
             yield self
         except BaseException:
-            self._cx.execute("ROLLBACK")
+            # SQLite rolls back by itself on some errors (SQLITE_FULL among them): a
+            # second ROLLBACK would fail and hide the error that matters.
+            if self._cx.in_transaction:
+                self._cx.execute("ROLLBACK")
             raise
-        self._cx.execute("COMMIT")
+        try:
+            self._cx.execute("COMMIT")
+        except BaseException:
+            if self._cx.in_transaction:
+                self._cx.execute("ROLLBACK")
+            raise
 
     def problems(self) -> list[str]:
         """What SQLite's quick check finds wrong with the file; empty when it is sound."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sqlite3
 from collections import Counter
 from typing import Iterable
 
@@ -20,6 +21,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import Attribute, Interface, implementer
 
 from . import sqlitedbm
+from .errors import ApiError
 from .sessions import Registration, SessionRecord, decode_record, encode_record, iso, session_key
 
 PRUNE_BATCH = 1000
@@ -274,16 +276,48 @@ class DBMSessionStore(CachedSessions, Service):
         return deferToThreadPool(self._reactor, self._pool, function, *args)
 
     def health(self) -> dict:
-        return {"backend": self.backend, "status": "ok", "sessions": len(self._cache)}
+        health = {"backend": self.backend, "status": "ok", "sessions": len(self._cache)}
+        if self._write_error is not None:
+            health.update(status="degraded", error=self._write_error)
+        return health
 
     # --- writes, in the store's thread ---
+
+    _write_error: str | None = None  # why the last write failed, until one succeeds
+    write_failures = 0
+
+    def _write(self, function, *args) -> Deferred:
+        """A write in the store's thread; a failing disk is a 503 in the envelope.
+
+        While writes fail, /health says degraded; the first write that succeeds clears it.
+        """
+        def succeeded(result):
+            if self._write_error is not None:
+                self.log.info("session store {path}: writes succeed again", path=self.path)
+                self._write_error = None
+            return result
+
+        def failed(failure):
+            failure.trap(sqlite3.Error, OSError)
+            full = "full" in str(failure.value).lower() or \
+                getattr(failure.value, "sqlite_errorname", "") == "SQLITE_FULL"
+            why = f"{'the disk is full' if full else 'a write failed'}: {failure.value}"
+            if self._write_error is None:
+                self.log.error("session store {path}: {why}", path=self.path, why=why)
+            self._write_error = why
+            self.write_failures += 1
+            raise ApiError(503, "STORAGE_FULL" if full else "STORAGE_UNAVAILABLE",
+                           f"the session store cannot write ({why}); nothing was changed",
+                           "server_error")
+
+        return self._in_thread(function, *args).addCallbacks(succeeded, failed)
 
     def register(self, registration: Registration, now: float) -> Deferred:
         def stored(record: SessionRecord) -> SessionRecord:
             self._remember(record)
             return record
 
-        return self._in_thread(self._file.upsert, registration, now).addCallback(stored)
+        return self._write(self._file.upsert, registration, now).addCallback(stored)
 
     def delete(self, domain: str, name: str) -> Deferred:
         def deleted(existed: bool) -> bool:
@@ -292,14 +326,24 @@ class DBMSessionStore(CachedSessions, Service):
             self._used.pop(key, None)
             return existed
 
-        return self._in_thread(self._file.delete, domain, name).addCallback(deleted)
+        return self._write(self._file.delete, domain, name).addCallback(deleted)
 
     def flush(self) -> Deferred:
-        """Persist the uses noted since the last flush, in one transaction."""
+        """Persist the uses noted since the last flush, in one transaction.
+
+        It never fails: uses it could not save go back to be saved at the next flush
+        (newer ones noted meanwhile win), so the loop catches up once the disk has room.
+        """
         if not self._used or self._file is None:
             return succeed(None)
         uses, self._used = self._used, {}
-        return self._in_thread(self._file.save_last_used, uses)
+
+        def keep_for_later(failure):
+            failure.trap(ApiError)
+            for key, when in uses.items():
+                self._used[key] = max(when, self._used.get(key, 0.0))
+
+        return self._write(self._file.save_last_used, uses).addErrback(keep_for_later)
 
     @inlineCallbacks
     def prune(self, cutoff: float):
