@@ -62,6 +62,46 @@ class GatewayChannel(HTTPChannel):
         super().requestDone(request)
         self._serving = bool(self.requests)
 
+    # --- framing: refuse what could be read two ways, answer in the envelope ---
+
+    def _maybeChooseTransferDecoder(self, header, data):
+        request = self.requests[-1]
+        if header == b"Transfer-Encoding" and request.requestHeaders.hasHeader(header):
+            # Two of them may be read two ways by two servers: request smuggling.
+            self._refuse(b"400 Bad Request", "INVALID_HTTP",
+                         "the request has more than one Transfer-Encoding header")
+            return False
+        cap = getattr(self.requestFactory, "body_cap", None)
+        if header == b"Content-Length" and data.isdigit() and cap is not None \
+                and int(data) > cap:
+            self.body_too_large()  # said up front: not one byte of the body is read
+            return False
+        return super()._maybeChooseTransferDecoder(header, data)
+
+    def allContentReceived(self) -> None:
+        if getattr(self, "_refused", False):
+            return  # already answered: the route must not answer a second time
+        super().allContentReceived()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """twisted.web's framing errors (bad header lines, chunk sizes): in the envelope."""
+        self._refuse(b"400 Bad Request", "INVALID_HTTP",
+                     "the request is not well-formed HTTP/1.1")
+
+    def body_too_large(self) -> None:
+        """Stop reading at the cap: answer 413 now and close, instead of reading on."""
+        cap = getattr(self.requestFactory, "body_cap", 0)
+        self._refuse(b"413 Request Entity Too Large", "BODY_TOO_LARGE",
+                     f"the request body is over {cap} bytes")
+
+    def _refuse(self, status: bytes, code: str, message: str) -> None:
+        if getattr(self, "_refused", False):
+            return
+        self._refused = True
+        self._cancel_deadline()
+        self.transport.write(_raw_response(status, ApiError(int(status[:3]), code, message)))
+        self.loseConnection()
+
     @property
     def evictable(self) -> bool:
         return not self._serving

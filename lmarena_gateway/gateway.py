@@ -441,7 +441,11 @@ class GatewayRequest(Request):
     def handleContentChunk(self, data: bytes) -> None:
         self._received += len(data)
         if self._received > self.body_cap:
-            self.too_large = True  # FrontDoor answers 413; the rest is read and dropped
+            if not self.too_large:
+                self.too_large = True
+                refuse = getattr(self.channel, "body_too_large", None)
+                if refuse is not None:
+                    refuse()  # 413 at once; nothing more of the body is read
             return
         super().handleContentChunk(data)
 

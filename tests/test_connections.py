@@ -122,3 +122,47 @@ def test_closed_connections_free_their_place():
 def test_the_default_cap_leaves_two_descriptors_a_connection():
     assert connections_for_open_files(1024) == (1024 - 64) // 2
     assert connections_for_open_files(65536) > 30000
+
+
+# --- framing: what could be read two ways is refused, in the envelope ---
+
+
+def cap_site(cap: int):
+    gateway_site, clock = site()
+    gateway_site.requestFactory = type("Capped", (gateway_site.requestFactory,), {"body_cap": cap})
+    return gateway_site
+
+
+def test_two_transfer_encoding_headers_are_refused():
+    protocol, transport = connect(site()[0])
+    protocol.dataReceived(b"POST /quick HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    status, body = envelope(transport)
+    assert (status, body["error"]["code"]) == (400, "INVALID_HTTP")
+    assert b"200 OK" not in transport.value() and transport.disconnecting
+
+
+def test_a_declared_length_over_the_cap_is_refused_before_the_body():
+    protocol, transport = connect(cap_site(1000))
+    protocol.dataReceived(b"POST /quick HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n")
+    status, body = envelope(transport)
+    assert (status, body["error"]["code"]) == (413, "BODY_TOO_LARGE")
+    assert transport.disconnecting
+
+
+def test_a_chunked_body_stops_being_read_at_the_cap():
+    protocol, transport = connect(cap_site(1000))
+    protocol.dataReceived(b"POST /quick HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    protocol.dataReceived(b"400\r\n" + b"x" * 1024 + b"\r\n")  # 1 KiB: past the cap, not the end
+    status, body = envelope(transport)
+    assert (status, body["error"]["code"]) == (413, "BODY_TOO_LARGE")
+    assert transport.disconnecting
+    protocol.dataReceived(b"0\r\n\r\n")  # whatever still arrives is not answered again
+    assert transport.value().count(b"HTTP/1.1 ") == 1
+
+
+def test_a_malformed_header_line_gets_the_envelope():
+    protocol, transport = connect(site()[0])
+    protocol.dataReceived(b"GET /quick HTTP/1.1\r\nno colon here\r\n\r\n")
+    status, body = envelope(transport)
+    assert (status, body["error"]["code"]) == (400, "INVALID_HTTP")
