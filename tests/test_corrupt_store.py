@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from conftest import Daemon
 from lmarena_gateway import sqlitedbm
+
+from conftest import Daemon
 
 SESSIONS = 400
 pytestmark = pytest.mark.process  # it starts twistd itself
