@@ -69,7 +69,13 @@ def write_json(request, status: int, payload) -> bytes:
     return json.dumps(payload).encode()
 
 
+def note_error(request, code: str) -> None:
+    """Remember the error code a request ended with, for the status page's counts."""
+    request.error_code = code
+
+
 def render_error(request, error: ApiError) -> bytes:
+    note_error(request, error.code)
     request.setResponseCode(error.status)
     request.setHeader(b"Content-Type", b"application/json")
     for name, value in error.response_headers():

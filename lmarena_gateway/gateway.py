@@ -24,6 +24,7 @@ from .metrics import Metrics
 from .proxy import Proxy, request_id
 from .security import AdminAuth, ClientKeys, is_admin_path, require_bridge_allowed
 from .sessions import check_domain, check_session_name, check_session_room, trimmed, validate_registration
+from .status import StatusPages
 from .tabchannel import TabChannel
 
 log = Logger()
@@ -65,7 +66,7 @@ class Gateway:
     app.url_map.merge_slashes = False  # FrontDoor collapses them; werkzeug would redirect
 
     def __init__(self, config, store, client, clock, *, tokens=None, client_keys=None,
-                 metrics=None, tabs=None) -> None:
+                 metrics=None, tabs=None, status=None) -> None:
         self.config = config
         self.store = store
         self.clock = clock
@@ -79,6 +80,9 @@ class Gateway:
                            metrics=self.metrics, tabs=tabs)
         self.tab_channel = TabChannel(config, store, tokens, tabs, clock,
                                       check_origin=self._require_allowed_origin)
+        # The operator's page; make_service hands in one with the probe and the pruner.
+        self.status = status if status is not None else StatusPages.build(
+            config, store, clock, tokens=tokens)
 
     def _require_admin(self, request, *, allow_basic: bool = False) -> None:
         self.admin.require(request, allow_basic=allow_basic)
@@ -283,6 +287,31 @@ class Gateway:
         request.setHeader(b"Content-Type", self.metrics.content_type)
         return self.metrics.exposition()
 
+    # --- the operator's page (lmarena_gateway.status) ---
+
+    @app.route("/status", methods=["GET"])
+    def status_page(self, request):
+        self._require_admin(request, allow_basic=True)
+        return self.status.page(request)
+
+    @app.route("/status.json", methods=["GET"])
+    def status_json(self, request):
+        self._require_admin(request, allow_basic=True)
+        return self.status.json(request)
+
+    @app.route("/status/page.css", methods=["GET"])
+    def status_css(self, request):
+        return self.status.asset(request, "page.css")
+
+    @app.route("/status/page.js", methods=["GET"])
+    def status_js(self, request):
+        return self.status.asset(request, "page.js")
+
+    @app.route("/status/<any(revoke, delete, 'install-link'):action>", methods=["POST"])
+    def status_action(self, request, action):
+        self._require_admin(request, allow_basic=True)
+        return self.status.act(request, action)
+
     # --- the OpenAI-compatible API ---
 
     @app.route("/v1/chat/completions", methods=["POST"])
@@ -332,11 +361,12 @@ class FrontDoor:
 
     isLeaf = True
 
-    def __init__(self, inner, config, metrics=None, admin=None) -> None:
+    def __init__(self, inner, config, metrics=None, admin=None, activity=None) -> None:
         self.inner = inner
         self.config = config
         self.metrics = metrics
         self.admin = admin  # AdminAuth: admin paths answer CORS only as it allows
+        self.activity = activity  # the status page's counts
 
     def getChildWithDefault(self, name, request):
         return self
@@ -345,7 +375,12 @@ class FrontDoor:
         raise NotImplementedError()
 
     def _allow_origin(self, request) -> bytes | None:
-        """/session/register answers the LMArena pages (and extras); the rest --cors-origins."""
+        """/session/register answers the LMArena pages (and extras); the rest --cors-origins.
+
+        The status page never: no other page may read it (it holds the CSRF token).
+        """
+        if request.path.startswith(b"/status"):
+            return None
         if request.path == b"/session/register":
             origins = registration_origins(self.config)
         elif is_admin_path(request.method, request.path):
@@ -390,6 +425,10 @@ class FrontDoor:
         if self.metrics is not None:
             request.notifyFinish().addBoth(
                 lambda _: self.metrics.request_done(request, time.monotonic() - started))
+        if self.activity is not None:
+            self.activity.started(request)
+            request.notifyFinish().addBoth(
+                lambda result: self.activity.finished(request, result is not None))
         if getattr(request, "too_large", False):
             request.setResponseCode(413)
             request.setHeader(b"Content-Type", b"application/json")
@@ -483,7 +522,7 @@ class GatewaySite(ConnectionLimits, Site):  # type: ignore[misc]  # protocol: se
 
 def make_site(gateway: Gateway) -> GatewaySite:
     site = GatewaySite(FrontDoor(gateway.app.resource(), gateway.config, gateway.metrics,
-                                 admin=gateway.admin))
+                                 admin=gateway.admin, activity=gateway.status.activity))
     site.requestFactory = type("Request", (GatewayRequest,), {  # type: ignore[assignment]
         "body_cap": max(gateway.config.max_body, MAX_SESSION_BODY)})
     site.displayTracebacks = False

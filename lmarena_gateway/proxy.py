@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from .bridge_client import BridgeClient, BridgeEndpoints
 from .config import GatewayConfig
-from .errors import ApiError, envelope, parse_json, set_error_headers
+from .errors import ApiError, envelope, note_error, parse_json, set_error_headers
 from .metrics import Metrics
 from .relay import Relay, normalize_error, read_capped, redact, set_status
 from .security import require_bridge_allowed
@@ -427,6 +427,7 @@ class Proxy:
                                    self.config.admin_token))
         code = payload["error"]["code"]
         self.metrics.upstream_error(code)
+        note_error(request, code)
         set_status(request, status)
         request.setHeader(b"Content-Type", b"application/json")
         delay = response.headers.getRawHeaders(b"retry-after", [None])[0]

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from .errors import envelope
+from .errors import envelope, note_error
 
 log = Logger()
 DONE = b"data: [DONE]"
@@ -158,6 +158,7 @@ class Relay(Protocol):
     def _end_with_error(self, message: str, code: str) -> None:
         if self.metrics is not None:
             self.metrics.upstream_error(code)
+        note_error(self.request, code)
         self.stopped = True
         self._cancel_timers()
         log.info("bridge {url} {code}: {message}", url=self.upstream_url, code=code,

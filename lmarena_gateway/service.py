@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from attrs import frozen
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -14,6 +15,9 @@ from .gateway import Gateway, make_site
 from .metrics import Metrics
 from .proxy import make_http_client
 from .security import ClientKeyService, SighupReloader
+from .status import StatusPages
+from .status.probe import TICK as PROBE_TICK
+from .status.probe import BridgeProber
 from .store import DBMSessionStore
 from .tabs import TabRegistry
 from .tokens import FileSecrets, RedisSecrets, RegistrationTokens
@@ -44,6 +48,13 @@ def raise_open_files_limit(rlimit=None) -> tuple[int, int]:
     return soft, soft
 
 
+@frozen
+class LastPrune:
+    at: float
+    ok: bool
+    removed: int
+
+
 class Pruner:
     """One pruning pass; it logs its own errors so the timer never stops."""
 
@@ -53,6 +64,7 @@ class Pruner:
         self.days = days
         self.metrics = metrics
         self.running: Deferred | None = None
+        self.last: LastPrune | None = None  # for the status page
 
     def __call__(self) -> None:
         """Start a pass unless one is running; ``self.running`` fires with {domain: count}.
@@ -71,19 +83,30 @@ class Pruner:
 
     @inlineCallbacks
     def _run(self):
+        started = self.clock.seconds()
         try:
-            pruned = yield self.store.prune(self.clock.seconds() - self.days * DAY)
+            pruned = yield self.store.prune(started - self.days * DAY)
         except Exception:
             log.failure("pruning failed; will try again at the next interval")
             if self.metrics is not None:
                 self.metrics.pruning_failed()
+            self.last = LastPrune(started, ok=False, removed=0)
             return {}
+        self.last = LastPrune(started, ok=True, removed=sum(pruned.values()))
         if self.metrics is not None:
             self.metrics.pruned(pruned)
         if pruned:
             log.info("pruned {total} idle sessions: {per_domain}",
                      total=sum(pruned.values()), per_domain=pruned)
         return pruned
+
+
+class _ProbeService(TimerService):
+    """The probe timer; probes still out when the daemon stops are cancelled."""
+
+    def stopService(self):
+        self.call[0].stop()
+        return super().stopService()
 
 
 class _ConnectionPoolService(Service):
@@ -156,8 +179,8 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
 
     # One registry per gateway, shared by the routes, the proxy and the pruner.
     metrics = Metrics(store, config.domains)
-    pruner = TimerService(config.cleanup_interval,
-                          Pruner(store, reactor, config.cleanup_days, metrics=metrics))
+    pruning = Pruner(store, reactor, config.cleanup_days, metrics=metrics)
+    pruner = TimerService(config.cleanup_interval, pruning)
     pruner.clock = reactor
     pruner.setName("pruner")
     pruner.setServiceParent(root)
@@ -179,8 +202,17 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
     tabs.setName("tabs")
     tabs.setServiceParent(root)
     metrics.watch_tabs(tabs, config.domains)
+    # The status page's bridge probe: a few seconds between ticks, a minute per bridge.
+    prober = BridgeProber(config, store, client, reactor)
+    probing = _ProbeService(PROBE_TICK, prober)
+    probing.clock = reactor
+    probing.setName("bridge-probe")
+    probing.setServiceParent(root)
+    status = StatusPages.build(config, store, reactor, tokens=tokens, prober=prober,
+                               pruner=pruning)
+
     gateway = Gateway(config, store, client, reactor, tokens=tokens, client_keys=keys,
-                      metrics=metrics, tabs=tabs)
+                      metrics=metrics, tabs=tabs, status=status)
     reloader = SighupReloader(reactor, keys=keys, admin=gateway.admin,
                               admin_token_file=config.admin_token_file)
     reloader.setName("sighup")

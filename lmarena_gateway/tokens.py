@@ -103,6 +103,10 @@ class FileSecrets:
     def refresh(self):
         return deferToThread(self.read)
 
+    def revoke(self, name: str):
+        """Fires with the name's new generation once it is on disk."""
+        return deferToThread(revoke, self.secret_path, name)
+
 
 class RedisSecrets:
     """The secret and the generations in Redis, beside the sessions they guard.
@@ -132,6 +136,18 @@ class RedisSecrets:
                     lambda flat: (_text(secret).encode(), _pairs(flat))))
 
         return sessions.command("SET", secret_key, secrets.token_hex(32), "NX").addCallback(read_both)
+
+    def revoke(self, name: str):
+        """Fires with the name's new generation once Redis has it; fails 503 while it is down."""
+        from twisted.internet.defer import fail
+
+        from .redis_sessions import unavailable
+
+        sessions = self.store.sessions
+        if sessions is None or not sessions.connected:
+            return fail(unavailable("Redis is not connected"))
+        return sessions.command("HINCRBY", f"{self.store.prefix}token-generations", name, 1
+                                ).addCallback(int)
 
 
 def _text(value) -> str:
@@ -190,6 +206,19 @@ class RegistrationTokens(Service):
         if not self._secret:
             raise ValueError("the registration secret is not loaded")
         return make_token(self._secret, name, self._generations.get(name, 0))
+
+    def revoke(self, name: str):
+        """Revoke every token of ``name``; fires once this process refuses them too."""
+        def applied(generation):
+            return self._check().addCallback(lambda _: generation)
+
+        return self.source.revoke(name).addCallback(applied)
+
+    def derived_key(self, purpose: str) -> bytes | None:
+        """A key for ``purpose`` shared by every instance that shares the secret."""
+        if not self._secret:
+            return None
+        return hmac.new(self._secret, f"derive\0{purpose}".encode(), hashlib.sha256).digest()
 
     def is_valid(self, name: str, token) -> bool:
         # Tokens are ASCII; anything else (a lone surrogate cannot even be encoded) is wrong.
