@@ -129,7 +129,7 @@ def test_errors_are_classified_and_remembered_per_session():
     activity = Activity(clock, lambda domain, name: name == "team-a")
     cases = [
         FakeRequest(b"/v1/chat/completions", code=200, headers=TEAM_A),
-        FakeRequest(b"/v1/chat/completions", code=502, headers=TEAM_A, error_code="BRIDGE_UNAVAILABLE"),
+        FakeRequest(b"/v1/chat/completions", code=502, headers=TEAM_A, error_code="BRIDGE_ERROR"),
         # a stream that started fine and ended with an error event
         FakeRequest(b"/v1/chat/completions", code=200, headers=TEAM_A, error_code="BRIDGE_STREAM_LOST"),
         FakeRequest(b"/session/register", code=400, error_code="INVALID_UUID"),
@@ -252,7 +252,7 @@ def test_a_new_bridge_is_probed_at_the_next_tick_not_after_a_minute():
     ((401, b"no"), "BRIDGE_UNAUTHORIZED", 401),
     ((200, b"<html>"), "BRIDGE_BAD_RESPONSE", 200),
     ((200, b'{"data": 3}'), "BRIDGE_BAD_RESPONSE", 200),
-    (ConnectionRefusedError(), "BRIDGE_UNAVAILABLE", None),
+    (ConnectionRefusedError(), "BRIDGE_ERROR", None),
 ])
 def test_a_bridge_that_does_not_answer_properly_is_down(answer, code, status):
     clock, store, client = clock_at(), MemoryStore(), ProbeClient()
@@ -272,11 +272,13 @@ def test_a_silent_bridge_times_out_on_the_clock_and_since_tracks_changes():
     clock.advance(10)
     down = prober.result_for(Upstream(DEFAULT))
     assert (down.ok, down.code, down.since) == (False, "BRIDGE_TIMEOUT", T0 + 10)
+    assert down.detail == "no answer in 10 s"
     clock.advance(50)
     client.answers = {DEFAULT: ConnectionRefusedError()}
     prober()
     still = prober.result_for(Upstream(DEFAULT))
-    assert (still.code, still.checked_at, still.since) == ("BRIDGE_UNAVAILABLE", T0 + 60, T0 + 10)
+    assert (still.code, still.detail) == ("BRIDGE_ERROR", "unreachable")
+    assert (still.checked_at, still.since) == (T0 + 60, T0 + 10)
     clock.advance(60)
     client.answers = {DEFAULT: (200, MODELS)}
     prober()
@@ -319,7 +321,7 @@ def test_a_bridge_no_longer_allowed_is_not_probed():
     ("since", "2026-09-21T14:10:20Z", "for 3 min"),
     ("duration", 90061, "1 d 1 h"),
     ("bytes", 3 * 1048576, "3.0 MiB"),
-    ("probe", {"ok": False, "code": "BRIDGE_NOT_READY", "status": 503},
+    ("probe", {"ok": False, "code": "BRIDGE_NOT_READY", "detail": "HTTP 503"},
      "no: BRIDGE_NOT_READY (HTTP 503)"),
     ("queue", None, ""),
 ])
@@ -406,7 +408,7 @@ def test_status_json_has_the_documented_shape():
     h.prober()
     h.clock.advance(30)
     failing = FakeRequest(b"/v1/chat/completions", code=502,
-                          headers={b"X-Session-Name": b"team-b"}, error_code="BRIDGE_UNAVAILABLE")
+                          headers={b"X-Session-Name": b"team-b"}, error_code="BRIDGE_ERROR")
     held = FakeRequest(b"/v1/chat/completions", headers=TEAM_A)
     for request in (failing, held):
         h.status.activity.started(request)
@@ -426,10 +428,11 @@ def test_status_json_has_the_documented_shape():
     assert report["bridges"] == [
         {"url": DEFAULT, "default": True, "has_api_key": False, "sessions": 2,
          "probe": {"ok": True, "checked_at": iso(T0), "since": iso(T0), "code": None,
-                   "status": 200, "latency_ms": report["bridges"][0]["probe"]["latency_ms"]}},
+                   "detail": None, "status": 200, "latency_ms": report["bridges"][0]["probe"]["latency_ms"]}},
         {"url": OTHER, "default": False, "has_api_key": True, "sessions": 1,
          "probe": {"ok": False, "checked_at": iso(T0), "since": iso(T0),
-                   "code": "BRIDGE_UNAVAILABLE", "status": None, "latency_ms": None}}]
+                   "code": "BRIDGE_ERROR", "detail": "unreachable", "status": None,
+                   "latency_ms": None}}]
     assert report["sessions_total"] == 3
     by_name = {s["session_name"]: s for s in report["sessions"]}
     assert [s["session_name"] for s in report["sessions"]] == ["team-t", "team-a", "team-b"]
@@ -439,7 +442,7 @@ def test_status_json_has_the_documented_shape():
         "connected_since": iso(T0), "busy": True, "queue_length": None,
         "last_used_at": iso(T0 - 5), "last_error": None, "open_streams": 1, "tabs": []}
     assert by_name["team-b"]["connected"] is False
-    assert by_name["team-b"]["last_error"] == {"code": "BRIDGE_UNAVAILABLE", "at": iso(T0 + 30)}
+    assert by_name["team-b"]["last_error"] == {"code": "BRIDGE_ERROR", "at": iso(T0 + 30)}
     assert by_name["team-b"]["busy"] is False
     assert by_name["team-t"] == {
         "domain": "arena.ai", "session_name": "team-t", "served_by": "tab",

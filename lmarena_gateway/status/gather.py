@@ -127,7 +127,9 @@ class StatusReport:
     def _bridges(self) -> list[dict]:
         if self.prober is None:
             return []
-        default = upstream_for(None, self.config)
+        from .probe import bridge_of
+
+        default = bridge_of(upstream_for(None, self.config))
         shown = []
         for upstream, sessions in sorted(self.prober.bridges().items(),
                                          key=lambda item: (item[0] != default, item[0].base_url)):
@@ -141,7 +143,8 @@ class StatusReport:
         if result is None:
             return None
         return {"ok": result.ok, "checked_at": iso(result.checked_at), "since": iso(result.since),
-                "code": result.code, "status": result.status, "latency_ms": result.latency_ms}
+                "code": result.code, "detail": result.detail, "status": result.status,
+                "latency_ms": result.latency_ms}
 
     def _session(self, record) -> dict:
         key = (record.domain, record.session_name)

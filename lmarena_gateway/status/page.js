@@ -38,7 +38,7 @@
       case "probe":
         if (none) { return ["not probed yet", "unknown"]; }
         if (v.ok) { return ["yes", "ok"]; }
-        return ["no: " + v.code + (v.status ? " (HTTP " + v.status + ")" : ""), "bad"];
+        return ["no: " + v.code + (v.detail ? " (" + v.detail + ")" : ""), "bad"];
       case "connected":
         if (none) { return ["not probed yet", "unknown"]; }
         return v ? ["yes", "ok"] : ["no", "bad"];

@@ -80,8 +80,8 @@ def fmt(kind: str, value, now: str) -> tuple[str, str | None]:
             return "not probed yet", "unknown"
         if value["ok"]:
             return "yes", "ok"
-        status = value.get("status")
-        return f"no: {value['code']}" + (f" (HTTP {status})" if status else ""), "bad"
+        detail = value.get("detail")
+        return f"no: {value['code']}" + (f" ({detail})" if detail else ""), "bad"
     if kind == "connected":
         if value is None:
             return "not probed yet", "unknown"

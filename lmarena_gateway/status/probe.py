@@ -14,11 +14,10 @@ from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.logger import Logger
-from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 
 from ..errors import ApiError
-from ..proxy import Upstream, _cancelled, upstream_for
+from ..proxy import Upstream, _cancelled, _tls_failed, upstream_for
 from ..relay import _BRIDGE_CODES, read_capped
 
 log = Logger()
@@ -30,9 +29,15 @@ class ProbeResult:
     ok: bool
     checked_at: float
     since: float  # since when the bridge has been answering (or not)
-    code: str | None = None  # why not, as the gateway's error code
+    code: str | None = None  # why not, as the gateway's error code for the same failure
     status: int | None = None  # the HTTP status it answered with, if it answered
     latency_ms: float | None = None
+    detail: str | None = None  # why not, in a few words
+
+
+def bridge_of(upstream: Upstream) -> Upstream:
+    """A bridge as the probe knows it: its URL and key, whichever session's label it wears."""
+    return Upstream(upstream.base_url, upstream.api_key)
 
 
 class BridgeProber:
@@ -52,10 +57,10 @@ class BridgeProber:
 
     def bridges(self) -> dict[Upstream, int]:
         """Each distinct bridge (URL and key) in use, with how many sessions use it."""
-        used: dict[Upstream, int] = {upstream_for(None, self.config): 0}
+        used: dict[Upstream, int] = {bridge_of(upstream_for(None, self.config)): 0}
         for record in self.store.records():
             try:
-                upstream = upstream_for(record, self.config)
+                upstream = bridge_of(upstream_for(record, self.config))
             except ApiError:
                 continue  # no longer on --bridge-allow: nothing is sent there, probes included
             used[upstream] = used.get(upstream, 0) + 1
@@ -106,53 +111,58 @@ class BridgeProber:
             if timer.active() and _cancelled(failure):
                 return None  # stopped with the daemon: no outcome to show
             if not timer.active() or failure.check(TimeoutError):
-                return ("BRIDGE_TIMEOUT", None)
-            if failure.check(ConnectError, DNSLookupError, ResponseFailed, ConnectionError):
-                return ("BRIDGE_UNAVAILABLE", None)
-            log.failure("bridge probe of {url} failed", failure, url=upstream.base_url)
-            return ("BRIDGE_ERROR", None)
+                return ("BRIDGE_TIMEOUT", None, f"no answer in {self.timeout:g} s")
+            if _tls_failed(failure):
+                return ("BRIDGE_TLS_ERROR", None, "TLS handshake failed")
+            if failure.check(ConnectError, DNSLookupError, ConnectionError):
+                return ("BRIDGE_ERROR", None, "unreachable")
+            return ("BRIDGE_ERROR", None, "failed to answer")
 
         def record(outcome):
             if timer.active():
                 timer.cancel()
             if outcome is None:
                 return
-            code, status = outcome
-            self._record(upstream, code, status, (time.monotonic() - started) * 1000)
+            code, status, detail = outcome
+            self._record(upstream, code, status, (time.monotonic() - started) * 1000, detail)
 
         def done(result):
             self._running.pop(upstream, None)
             return result
 
         d.addCallbacks(answered, failed)
-        d.addCallbacks(record, lambda f: self._record(upstream, "BRIDGE_ERROR", None, None))
+        d.addCallbacks(record, lambda f: self._record(upstream, "BRIDGE_ERROR", None, None,
+                                                      "failed to answer"))
         return d.addBoth(done)
 
     @staticmethod
-    def _judge(status: int, body: bytes) -> tuple[str | None, int]:
+    def _judge(status: int, body: bytes) -> tuple[str | None, int, str | None]:
         if status != 200:
-            return (_BRIDGE_CODES.get(status, "BRIDGE_ERROR"), status)
+            return (_BRIDGE_CODES.get(status, "BRIDGE_ERROR"), status, f"HTTP {status}")
         try:
             models = json.loads(body)["data"]
         except (ValueError, KeyError, TypeError):
-            return ("BRIDGE_BAD_RESPONSE", status)
-        return (None if isinstance(models, list) else "BRIDGE_BAD_RESPONSE", status)
+            models = None
+        if not isinstance(models, list):
+            return ("BRIDGE_BAD_RESPONSE", status, "not a model list")
+        return (None, status, None)
 
     def _record(self, upstream: Upstream, code: str | None, status: int | None,
-                latency_ms: float | None) -> None:
+                latency_ms: float | None, detail: str | None = None) -> None:
         now = self.clock.seconds()
         ok = code is None
         before = self.results.get(upstream)
         since = before.since if before is not None and before.ok == ok else now
         result = ProbeResult(ok, now, since, code, status,
-                             round(latency_ms, 1) if ok and latency_ms is not None else None)
+                             round(latency_ms, 1) if ok and latency_ms is not None else None,
+                             detail)
         if before is not None and before.ok != ok:
             log.info("bridge {url} {what}", url=upstream.base_url,
-                     what="answers again" if ok else f"stopped answering: {code}")
+                     what="answers again" if ok else f"stopped answering: {code} ({detail})")
         if upstream in self._started:  # still in use when the answer came
             self.results[upstream] = result
 
     def result_for(self, upstream: Upstream) -> ProbeResult | None:
-        return self.results.get(upstream)
+        return self.results.get(bridge_of(upstream))
 
 
