@@ -47,6 +47,7 @@ class GatewayConfig:
     redis_prefix: str = "lmgw:"
     cleanup_days: float = 30.0
     cleanup_interval: float = 3600.0
+    probe_interval: float = 60.0  # seconds between /status's probes of one bridge; 0: off
     domains: tuple[str, ...] = DEFAULT_DOMAINS
     cors_origins: tuple[str, ...] = ("*",)
     debug: bool = False
@@ -147,6 +148,14 @@ def _parse_positive(value: str) -> float:
     number = _parse_nonneg(value)
     if number == 0:
         raise ValueError(f"{value!r} must be greater than 0")
+    return number
+
+
+def _parse_probe_interval(value: str) -> float:
+    number = _parse_nonneg(value)
+    if 0 < number < 60:
+        raise ValueError(f"{value!r} must be 0 (off) or at least 60: bridges are probed "
+                         "at most once a minute")
     return number
 
 
@@ -398,6 +407,9 @@ SETTINGS = (
             "Prune sessions idle this many days (0: never)"),
     Setting("cleanup_interval", "cleanup-interval", "GATEWAY_CLEANUP_INTERVAL", _parse_positive,
             "Seconds between pruning passes"),
+    Setting("probe_interval", "bridge-probe-interval", "GATEWAY_BRIDGE_PROBE_INTERVAL",
+            _parse_probe_interval,
+            "Seconds between the status page's probes of each bridge, at least 60 (0: off)"),
     Setting("domains", "domains", "GATEWAY_ALLOWED_DOMAINS", _parse_domains,
             "Comma-separated LMArena domains sessions may belong to"),
     Setting("cors_origins", "cors-origins", "GATEWAY_CORS_ORIGINS", _parse_origins,

@@ -203,11 +203,12 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
     tabs.setServiceParent(root)
     metrics.watch_tabs(tabs, config.domains)
     # The status page's bridge probe: a few seconds between ticks, a minute per bridge.
-    prober = BridgeProber(config, store, client, reactor)
-    probing = _ProbeService(PROBE_TICK, prober)
-    probing.clock = reactor
-    probing.setName("bridge-probe")
-    probing.setServiceParent(root)
+    prober = BridgeProber(config, store, client, reactor, interval=config.probe_interval)
+    if config.probe_interval > 0:
+        probing = _ProbeService(PROBE_TICK, prober)
+        probing.clock = reactor
+        probing.setName("bridge-probe")
+        probing.setServiceParent(root)
     status = StatusPages.build(config, store, reactor, tokens=tokens, prober=prober,
                                pruner=pruning)
 

@@ -12,6 +12,7 @@ from attrs import evolve
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
+from twisted.application.service import Service
 from twisted.internet.task import Clock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -36,7 +37,7 @@ BRIDGE_KEY = "sk-bridge-secret-abcdef"
 ADMIN = "admin-token-0123456789"
 
 
-class MemoryStore(CachedSessions):
+class MemoryStore(CachedSessions, Service):
     backend = "memory"
 
     def health(self) -> dict:
@@ -608,3 +609,23 @@ def test_csrf_tokens_last_a_day_and_work_on_instances_sharing_the_secret():
     assert not here.valid(f"{int(issued) + 1}.{mac}")
     clock.advance(24 * 3600 + 1)
     assert not here.valid(token)
+
+
+# --- wiring ---
+
+@pytest.mark.parametrize("interval, probing", [(60.0, True), (0.0, False)])
+def test_make_service_runs_the_probe_timer_unless_it_is_off(tmp_path, interval, probing):
+    from twisted.application.internet import TimerService
+    from twisted.internet.task import Clock as _Clock
+
+    from lmarena_gateway.service import make_service
+
+    config = evolve(GatewayConfig(), storage=str(tmp_path / "s.sqlite3"), probe_interval=interval,
+                    listen=("tcp:0:interface=127.0.0.1",))
+    root = make_service(config, _Clock(), client=ProbeClient(), store=MemoryStore())
+    names = [service.name for service in root]
+    assert ("bridge-probe" in names) is probing
+    if probing:
+        timer = root.getServiceNamed("bridge-probe")
+        assert isinstance(timer, TimerService) and timer.step == 5.0
+        assert timer.call[0].interval == 60.0
