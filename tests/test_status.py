@@ -10,9 +10,9 @@ import re
 import pytest
 from attrs import evolve
 from treq.testing import StubTreq
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
-from twisted.application.service import Service
 from twisted.internet.task import Clock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REQUIRE_ALL, free_port, http, require_binary, wait_for
+from support.processes import REQUIRE_ALL, free_port, http, require_binary, wait_for
 
 try:
     from playwright.sync_api import sync_playwright

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from urllib.parse import urlencode
 
-from conftest import SESSION, http, wait_for
-from test_redis_store import redis_server  # noqa: F401 (a fixture, used by name)
+from support.client import SESSION
+from support.processes import http, wait_for
 
 ADMIN = "status-daemon-admin-0123456789"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -44,7 +44,7 @@ def test_revoke_from_the_page_with_the_file_secret(daemon_factory, fake_bridge_p
 
 
 def test_revoke_and_csrf_tokens_hold_on_every_instance_sharing_redis(
-        tmp_path, redis_server, daemon_factory, fake_bridge_process):  # noqa: F811
+        tmp_path, redis_server, daemon_factory, fake_bridge_process):
     a, b = (daemon_factory("--storage", redis_server.url, "--bridge-url", fake_bridge_process,
                            env={"GATEWAY_ADMIN_TOKEN": ADMIN,
                                 "GATEWAY_SECRET_FILE": str(tmp_path / f"secret-{i}")})

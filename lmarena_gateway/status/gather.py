@@ -7,7 +7,6 @@ cannot disagree. Sources are handed in; the tab registry plugs in through ITabSo
 from __future__ import annotations
 
 import resource
-from typing import Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 from attrs import frozen
@@ -15,7 +14,7 @@ from zope.interface import Interface, implementer
 
 from .. import __version__
 from ..errors import ApiError
-from ..proxy import upstream_for
+from ..proxy import Upstream, upstream_for
 from ..sessions import iso
 
 MAX_SESSIONS_SHOWN = 500
@@ -151,6 +150,8 @@ class StatusReport:
         open_streams = self.activity.open.get(key, 0)
         last_error = self.activity.last_errors.get(key)
         errors = [] if last_error is None else [(last_error.at, last_error.code)]
+        upstream: Upstream | None
+        probe: dict | None
         try:
             upstream = upstream_for(record, self.config)
         except ApiError as e:
@@ -158,7 +159,7 @@ class StatusReport:
         else:
             probe = self._probe(upstream)
         view = self.tabs.tabs_of(*key)
-        shown = {
+        shown: dict[str, object] = {
             "domain": record.domain,
             "session_name": record.session_name,
             "served_by": "tab" if view is not None and view.tabs else "bridge",
@@ -168,8 +169,8 @@ class StatusReport:
             "open_streams": open_streams,
             "tabs": [],
         }
-        if shown["served_by"] == "tab":
-            tabs: Iterable[TabView] = view.tabs
+        if view is not None and view.tabs:
+            tabs: tuple[TabView, ...] = view.tabs
             shown.update(connected=True,
                          connected_since=iso(min(t.connected_since for t in tabs)),
                          busy=any(t.busy for t in tabs) or open_streams > 0,
