@@ -86,11 +86,22 @@ def from_a_page(request) -> bool:
     Browsers set ``Origin`` on a page's cross-origin requests and ``Sec-Fetch-Site`` on
     all of them, script and image loads too (which carry no Origin); pages cannot forge
     either, and extension origins cannot be claimed by a page.
+
+    A page the gateway served itself (the status page posting its forms) is not one: its
+    Origin is the request's own, and the Host rule already holds it to a loopback name.
     """
     origin = request.getHeader(b"origin")
-    if origin is not None and not origin.decode("latin-1").startswith(EXTENSION_ORIGINS):
-        return True
+    if origin is not None:
+        text = origin.decode("latin-1")
+        if not text.startswith(EXTENSION_ORIGINS) and text != own_origin(request):
+            return True
     return (request.getHeader(b"sec-fetch-site") or b"").lower() in (b"cross-site", b"same-site")
+
+
+def own_origin(request) -> str:
+    """The origin a page served by this request's URL would have."""
+    host = (request.getHeader(b"host") or b"").decode("latin-1").lower()
+    return f"{'https' if request.isSecure() else 'http'}://{host}"
 
 
 def host_name(value: str) -> str:

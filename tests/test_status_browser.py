@@ -207,3 +207,22 @@ def test_the_install_link_action_shows_a_link_that_installs(browser, gateway):
         assert status == 200 and b"// ==UserScript==" in script
     finally:
         context.close()
+
+
+def test_without_an_admin_token_the_page_and_its_actions_work_from_this_machine(
+        browser, daemon_factory, fake_bridge_process):
+    # local-only refuses web pages, but not the status page posting to its own origin
+    gateway = daemon_factory("--bridge-url", fake_bridge_process)
+    status, _, answer = http("POST", gateway.url + "/session/register", {
+        "domain": "lmarena.ai", "session_name": "team-local", "session_id": SID, "message_id": MID})
+    assert status == 200, answer
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        assert page.goto(gateway.url + "/status").status == 200
+        page.once("dialog", lambda dialog: dialog.accept())
+        row(page, "team-local").get_by_role("button", name="Delete").click()
+        page.get_by_role("heading", name="Session deleted").wait_for(timeout=10000)
+        assert http("GET", gateway.url + "/status.json")[2]["sessions"] == []
+    finally:
+        context.close()

@@ -11,12 +11,14 @@ import base64
 import hashlib
 import hmac
 import secrets
+from urllib.parse import parse_qs
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 from twisted.web.template import tags
 
 from ..errors import ApiError
+from ..security import own_origin
 from ..sessions import check_domain, check_session_name
 from .page import action_form, render_note
 
@@ -56,13 +58,26 @@ class CsrfTokens:
                    for key in self._keys())
 
 
+MAX_FORM = 4096
+
+
+def _form(request) -> dict[str, str]:
+    """The posted form, parsed here: the site leaves form bodies alone (see GatewaySite)."""
+    form = getattr(request, "status_form", None)
+    if form is None:
+        kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        raw = request.content.read(MAX_FORM + 1) if kind == b"application/x-www-form-urlencoded" \
+            else b""
+        if len(raw) > MAX_FORM:
+            raise ApiError(413, "BODY_TOO_LARGE", f"a status page form is under {MAX_FORM} bytes")
+        text = raw.decode("utf-8", "replace")
+        form = {k: v[0] for k, v in parse_qs(text, keep_blank_values=True).items()}
+        request.status_form = form
+    return form
+
+
 def _field(request, name: str) -> str:
-    return request.args.get(name.encode(), [b""])[0].decode("utf-8", "replace")
-
-
-def _own_origin(request) -> str:
-    host = (request.getHeader(b"host") or b"").decode("latin-1")
-    return f"{'https' if request.isSecure() else 'http'}://{host}"
+    return _form(request).get(name, "")
 
 
 class StatusActions:
@@ -78,7 +93,7 @@ class StatusActions:
     def check(self, request) -> None:
         """The CSRF token, and no other origin: refused with 403 before anything changes."""
         origin = request.getHeader(b"origin")
-        if origin is not None and origin.decode("latin-1") != _own_origin(request):
+        if origin is not None and origin.decode("latin-1").lower() != own_origin(request):
             raise ApiError(403, "CSRF_ORIGIN_REFUSED",
                            "status page actions are accepted from the status page only")
         if request.getHeader(b"sec-fetch-site") == b"cross-site":
