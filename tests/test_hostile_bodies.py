@@ -55,8 +55,15 @@ def every_route():
             yield method, path
 
 
-def assert_envelope(status, headers, body, where):
+# Routes whose answer is a page for a browser (the status page and its files): a 200 is
+# HTML, CSS or JavaScript there by design; their errors are still the envelope.
+PAGES = {("GET", "/status"), ("GET", "/status/page.css"), ("GET", "/status/page.js")}
+
+
+def assert_envelope(status, headers, body, where, *, page=False):
     content_type = (headers.getRawHeaders("content-type") or [""])[0]
+    if page and status == 200:
+        return
     assert "html" not in content_type, where
     if status >= 400:
         assert isinstance(body, dict), (where, status, body)
@@ -75,7 +82,7 @@ async def test_hostile_bodies_at_every_route_get_the_envelope(gateway_factory, t
             where = f"{method} {path} with {name}"
             status, headers, body = await call(method, gw.url + path, raw,
                                                {"X-Session-Name": "team-alpha"})
-            assert_envelope(status, headers, body, where)
+            assert_envelope(status, headers, body, where, page=(method, path) in PAGES)
             assert status < 500, where
     assert not tracebacks, [e.get("log_format") for e in tracebacks]
 
