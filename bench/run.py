@@ -1,8 +1,8 @@
 """The benchmark: the gateway against the bare fake bridge and nginx, in one run.
 
-    /tmp/devenv/bin/python bench/run.py --quick            # about 2 minutes, one run each
-    /tmp/devenv/bin/python bench/run.py                    # 3 runs each, medians kept
-    /tmp/devenv/bin/python bench/run.py --streams 10000    # the big open-streams run
+    .venv/bin/python bench/run.py --quick            # about 2 minutes, one run each
+    .venv/bin/python bench/run.py                    # about 11 minutes, 3 runs each, medians
+    .venv/bin/python bench/run.py --only 3 --streams 9900 --runs 1 --rate 200   # the big open-streams run
 
 Starts a fake bridge (``lmgateway fake-bridge``), nginx as a plain reverse proxy in front
 of it and the gateway (``twistd -n lmgateway``) in front of it, all on loopback, then runs
