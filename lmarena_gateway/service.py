@@ -15,7 +15,7 @@ from .gateway import Gateway, make_site
 from .metrics import Metrics
 from .proxy import make_http_client
 from .security import ClientKeyService, SighupReloader
-from .status import StatusPages
+from .status import RegistryTabs, StatusPages
 from .status.probe import TICK as PROBE_TICK
 from .status.probe import BridgeProber
 from .store import DBMSessionStore
@@ -210,7 +210,7 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
         probing.setName("bridge-probe")
         probing.setServiceParent(root)
     status = StatusPages.build(config, store, reactor, tokens=tokens, prober=prober,
-                               pruner=pruning)
+                               pruner=pruning, tabs=RegistryTabs(tabs, config))
 
     gateway = Gateway(config, store, client, reactor, tokens=tokens, client_keys=keys,
                       metrics=metrics, tabs=tabs, status=status)

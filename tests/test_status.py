@@ -637,3 +637,34 @@ def test_make_service_runs_the_probe_timer_unless_it_is_off(tmp_path, interval, 
         timer = root.getServiceNamed("bridge-probe")
         assert isinstance(timer, TimerService) and timer.step == 5.0
         assert timer.call[0].interval == 60.0
+
+
+def test_the_page_shows_the_tabs_of_the_real_registry_paired_domains_included():
+    """RegistryTabs reads tab mode's registry: a session's own tabs, else a paired domain's."""
+    from lmarena_gateway.status import RegistryTabs
+    from lmarena_gateway.tabs import TabRegistry
+
+    clock = clock_at()
+    registry = TabRegistry(clock)
+    config = evolve(GatewayConfig(), domains=("lmarena.ai", "arena.ai"))
+    source = RegistryTabs(registry, config)
+    assert verifyObject(ITabSource, source)
+    assert source.tabs_of("arena.ai", "team-t") is None
+    registry.connect("arena.ai", "team-t", "tab-a", [])
+    clock.advance(5)
+    registry.connect("arena.ai", "team-t", "tab-b", [])
+    own = source.tabs_of("arena.ai", "team-t")
+    assert own is not None and [(t.tab_id, t.connected_since, t.busy) for t in own.tabs] == [
+        ("tab-a", T0, False), ("tab-b", T0 + 5, False)]
+    assert own.queued == 0
+    # lmarena.ai requests are served by arena.ai's tab (the default --tab-pairs)
+    paired = source.tabs_of("lmarena.ai", "team-t")
+    assert paired is not None and {t.tab_id for t in paired.tabs} == {"tab-a", "tab-b"}
+    assert source.tabs_of("lmarena.ai", "someone-else") is None
+
+    h = Harness(tabs=source)
+    h.store.add("arena.ai", "team-t")
+    (shown,) = h.json()["sessions"]
+    assert shown["served_by"] == "tab" and shown["connected"] is True
+    assert [t["tab_id"] for t in shown["tabs"]] == ["tab-a", "tab-b"]
+    assert "tab-a" in h.page()

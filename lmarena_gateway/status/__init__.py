@@ -12,10 +12,10 @@ import json
 from ..errors import ApiError
 from .actions import CsrfTokens, StatusActions
 from .activity import Activity
-from .gather import ITabSource, SessionTabsView, StatusReport, TabView
+from .gather import ITabSource, RegistryTabs, SessionTabsView, StatusReport, TabView
 from .page import SECURITY_HEADERS, asset, render_page
 
-__all__ = ["ITabSource", "SessionTabsView", "StatusPages", "TabView"]
+__all__ = ["ITabSource", "RegistryTabs", "SessionTabsView", "StatusPages", "TabView"]
 ASSET_TYPES = {"page.css": b"text/css; charset=utf-8",
                "page.js": b"text/javascript; charset=utf-8"}
 

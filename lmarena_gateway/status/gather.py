@@ -52,6 +52,26 @@ class NoTabs:
         return None
 
 
+@implementer(ITabSource)
+class RegistryTabs:
+    """Tab mode's registry as the page sees it: a session's own tabs, else the tabs of a
+    paired domain that serve it (``--tab-pairs``, as the proxy routes requests)."""
+
+    def __init__(self, registry, config) -> None:
+        self.registry = registry
+        self.config = config
+
+    def tabs_of(self, domain: str, name: str) -> SessionTabsView | None:
+        for tab_domain in (domain, *self.config.tab_pairs_for(domain)):
+            session = self.registry.session(tab_domain, name)
+            if session is not None:
+                return SessionTabsView(tuple(
+                    TabView(tab.tab_id, tab.connected_at, busy=tab.busy,
+                            last_error=tab.last_error)
+                    for tab in session.tabs.values()), queued=len(session.queue))
+        return None
+
+
 def shown_url(url: str) -> str:
     """A bridge URL without user info, query or fragment: nothing secret on the page."""
     parts = urlsplit(url)
