@@ -11,7 +11,9 @@ Regenerate the README's screenshot with:
 from __future__ import annotations
 
 import base64
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -224,5 +226,25 @@ def test_without_an_admin_token_the_page_and_its_actions_work_from_this_machine(
         row(page, "team-local").get_by_role("button", name="Delete").click()
         page.get_by_role("heading", name="Session deleted").wait_for(timeout=10000)
         assert http("GET", gateway.url + "/status.json")[2]["sessions"] == []
+    finally:
+        context.close()
+
+
+def test_the_page_renders_a_tab_session_with_its_connected_tab(browser, gateway):
+    """A tab says hello over the tab channel (as the userscript does); the page shows it."""
+    status, _, script = http("GET", gateway.url + "/userscript/team-tab.user.js", headers=AUTH)
+    assert status == 200
+    token = json.loads(re.search(r"var REGISTRATION_TOKEN = (.*?);", script.decode()).group(1))
+    status, _, answer = http("POST", gateway.url + "/tab/connect", {
+        "session_name": "team-tab", "domain": "arena.ai", "registration_token": token,
+        "tab_id": "tab-status-0001", "models_source": ""})
+    assert status == 200, answer
+    context, page = open_page(browser, gateway)
+    try:
+        tab_row = page.locator("tr[id='s-arena.ai-team-tab']")
+        assert tab_row.locator("[data-f=served_by]").inner_text() == "tab"
+        assert tab_row.locator("[data-f=connected]").inner_text() == "yes"
+        assert "tab-status-0001" in tab_row.inner_text()
+        assert token not in page.content()
     finally:
         context.close()
