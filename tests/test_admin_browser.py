@@ -14,17 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import REQUIRE_ALL, SESSION, free_port, http, require_binary
-
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:  # the `test` extra installs it
-    sync_playwright = None
+from support.browser import launched_chromium
+from support.client import SESSION
+from support.processes import free_port, http
 
 ADMIN = "browser-admin-token-0123456789"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+CHROMIUM_ARGS = [  # beside support.browser's headless flags
     "--host-resolver-rules=MAP other.example 127.0.0.1, MAP rebind.example 127.0.0.1",
 ]
 ADMIN_READS = ["/session/list", "/metrics", "/userscript/generate?session_name=team-alpha",
@@ -74,14 +69,7 @@ def page_port():
 
 @pytest.fixture(scope="module")
 def browser():
-    if sync_playwright is None:
-        message = "playwright is not installed (pip install '.[test]')"
-        pytest.fail(message) if REQUIRE_ALL else pytest.skip(message)
-    executable = require_binary("chromium")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+    yield from launched_chromium(*CHROMIUM_ARGS)
 
 
 @pytest.fixture

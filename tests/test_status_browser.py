@@ -18,17 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from support.processes import REQUIRE_ALL, free_port, http, require_binary, wait_for
-
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:  # the `test` extra installs it
-    sync_playwright = None
+from support.browser import launched_chromium
+from support.processes import free_port, http, wait_for
 
 ADMIN = "status-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SID = "12345678-1234-4234-8234-123456789abc"
 MID = "87654321-4321-4321-8321-cba987654321"
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -36,14 +30,7 @@ CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 
 @pytest.fixture(scope="module")
 def browser():
-    if sync_playwright is None:
-        message = "playwright is not installed (pip install '.[test]')"
-        pytest.fail(message) if REQUIRE_ALL else pytest.skip(message)
-    executable = require_binary("chromium")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+    yield from launched_chromium()
 
 
 @pytest.fixture

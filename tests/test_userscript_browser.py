@@ -20,12 +20,8 @@ import pytest
 
 from lmarena_gateway.userscript import render_script
 
-from support.processes import REQUIRE_ALL, free_port, http, require_binary, wait_for
-
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:  # the `test` extra installs it
-    sync_playwright = None
+from support.browser import launched_chromium
+from support.processes import free_port, http, wait_for
 
 NAME = "team-alpha"
 DOMAINS = "lmarena.ai,canary.lmarena.ai"
@@ -33,9 +29,7 @@ SID_A, MID_A = "AAAAAAAA-1111-4111-8111-AAAAAAAAAAAA", "BBBBBBBB-2222-4222-8222-
 SID_B, MID_B = "cccccccc-3333-4333-8333-cccccccccccc", "dddddddd-4444-4444-8444-dddddddddddd"
 SID_C, MID_C = "eeeeeeee-5555-4555-8555-eeeeeeeeeeee", "ffffffff-6666-4666-8666-ffffffffffff"
 MARK = "#lmarena-registrar-mark"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+CHROMIUM_ARGS = [  # beside support.browser's headless flags
     "--host-resolver-rules=MAP lmarena.ai 127.0.0.1, MAP canary.lmarena.ai 127.0.0.1, "
     "MAP other.example 127.0.0.1",
 ]
@@ -126,14 +120,7 @@ def page_port():
 
 @pytest.fixture(scope="module")
 def browser():
-    if sync_playwright is None:
-        message = "playwright is not installed (pip install '.[test]')"
-        pytest.fail(message) if REQUIRE_ALL else pytest.skip(message)
-    executable = require_binary("chromium")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+    yield from launched_chromium(*CHROMIUM_ARGS)
 
 
 @pytest.fixture
