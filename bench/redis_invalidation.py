@@ -25,9 +25,9 @@ import time
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater, react
 
-from lmarena_gateway.redis_sessions import parse_address
-from lmarena_gateway.redis_store import RedisSessionStore
 from lmarena_gateway.sessions import validate_registration
+from lmarena_gateway.store.redis import RedisSessionStore
+from lmarena_gateway.store.redis_commands import parse_address
 
 SESSION = {"domain": "lmarena.ai", "session_id": "12345678-1234-1234-1234-123456789abc",
            "message_id": "87654321-4321-4321-4321-cba987654321"}

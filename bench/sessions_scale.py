@@ -26,7 +26,7 @@ from twisted.internet.task import LoopingCall, deferLater, react
 
 from lmarena_gateway.config import DEFAULT_DOMAINS
 from lmarena_gateway.sessions import SessionRecord
-from lmarena_gateway.store import DBMSessionStore, SessionFile
+from lmarena_gateway.store.sqlite import DBMSessionStore, SessionFile
 
 HEARTBEAT = 0.005
 

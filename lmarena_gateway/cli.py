@@ -15,7 +15,7 @@ from .config import ConfigError, build_config, is_redis_storage
 from .errors import ApiError
 from .security import require_bridge_allowed
 from .sessions import SessionRecord, parse_time, validate_registration
-from .store import SessionFile, export_of, stats_of
+from .store.sqlite import SessionFile, export_of, stats_of
 
 DAY = 86400.0
 
@@ -167,7 +167,7 @@ def cmd_revoke(args, environ, out) -> int:
         raise SystemExit(f"lmgateway: {args.name!r} is not a session name")
     try:
         if is_redis_storage(config.storage):
-            from .redis_sessions import RedisSessionFile
+            from .store.redis_commands import RedisSessionFile
 
             store = RedisSessionFile(config.storage, prefix=config.redis_prefix,
                                      domains=config.domains)
@@ -257,7 +257,7 @@ def main(argv=None, environ=None, out=None) -> int:
     store: Any
     if is_redis_storage(config.storage):
         # The same commands over Redis: RedisSessionFile has SessionFile's methods.
-        from .redis_sessions import RedisSessionFile
+        from .store.redis_commands import RedisSessionFile
 
         store = RedisSessionFile(config.storage, prefix=config.redis_prefix,
                                  domains=config.domains)

@@ -203,7 +203,7 @@ def _parse_storage(value: str) -> str:
         raise ValueError("an empty path")
     if "://" in value:
         if is_redis_storage(value):
-            from .redis_sessions import parse_address
+            from .store.redis_commands import parse_address
 
             parse_address(value)  # a bad Redis URL is a one-line error, not a traceback
         return value  # a server URL; the store that owns the scheme checks it
@@ -247,7 +247,7 @@ def prepare_daemon(config: "GatewayConfig") -> None:
         except ValueError as e:
             raise ConfigError(f"{option}: {e}") from None
     if "://" not in config.storage:
-        from . import sqlitedbm
+        from .store import sqlitedbm
 
         if os.path.exists(config.storage) and not os.access(config.storage, os.R_OK | os.W_OK):
             raise ConfigError(f"{storage}: {config.storage!r} is not readable and writable")

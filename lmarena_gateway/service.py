@@ -18,7 +18,7 @@ from .security import ClientKeyService, SighupReloader
 from .status import RegistryTabs, StatusPages
 from .status.probe import TICK as PROBE_TICK
 from .status.probe import BridgeProber
-from .store import DBMSessionStore
+from .store.sqlite import DBMSessionStore
 from .tabs import TabRegistry
 from .tokens import FileSecrets, RedisSecrets, RegistrationTokens
 
@@ -122,7 +122,7 @@ class _ConnectionPoolService(Service):
 
 def make_store(config: GatewayConfig, reactor):
     if is_redis_storage(config.storage):
-        from .redis_store import RedisSessionStore
+        from .store.redis import RedisSessionStore
 
         return RedisSessionStore.from_url(config.storage, reactor, config=config)
     return DBMSessionStore(config.storage, reactor)

@@ -141,7 +141,7 @@ class RedisSecrets:
         """Fires with the name's new generation once Redis has it; fails 503 while it is down."""
         from twisted.internet.defer import fail
 
-        from .redis_sessions import unavailable
+        from .store.redis_commands import unavailable
 
         sessions = self.store.sessions
         if sessions is None or not sessions.connected:

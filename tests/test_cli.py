@@ -11,7 +11,7 @@ from attrs import evolve
 
 from lmarena_gateway.cli import main
 from lmarena_gateway.sessions import SessionRecord, iso
-from lmarena_gateway.store import SessionFile
+from lmarena_gateway.store.sqlite import SessionFile
 
 from support.processes import bin_path
 

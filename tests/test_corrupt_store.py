@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from lmarena_gateway import sqlitedbm
+from lmarena_gateway.store import sqlitedbm
 
 from conftest import Daemon
 

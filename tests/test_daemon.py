@@ -125,7 +125,7 @@ def test_wheel_holds_every_package_data_file(wheelhouse):
     package = Path(__file__).resolve().parent.parent / "lmarena_gateway"
     data = {f"lmarena_gateway/{p.relative_to(package)}" for p in package.rglob("*")
             if p.is_file() and p.suffix in (".lua", ".js", ".html", ".css")}
-    assert data and {"lmarena_gateway/lua/announce.lua", "lmarena_gateway/lua/upsert.lua"} <= data
+    assert data and {"lmarena_gateway/store/lua/announce.lua", "lmarena_gateway/store/lua/upsert.lua"} <= data
     assert data <= names, sorted(data - names)
 
 

@@ -6,9 +6,9 @@ import pytest
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyClass, verifyObject
 
-from lmarena_gateway.redis_sessions import RedisSessionFile
-from lmarena_gateway.redis_store import RedisSessionStore
-from lmarena_gateway.store import DBMSessionStore, ISessionStore, ISessionTable, SessionFile
+from lmarena_gateway.store.redis import RedisSessionStore
+from lmarena_gateway.store.redis_commands import RedisSessionFile
+from lmarena_gateway.store.sqlite import DBMSessionStore, ISessionStore, ISessionTable, SessionFile
 
 
 def test_the_file_store_provides_isessionstore(tmp_path):

@@ -138,7 +138,7 @@ async def test_keepalives_and_idle_timeout_on_a_clock(listen, tmp_path, reactor)
     from lmarena_gateway.gateway import Gateway, make_site
     from lmarena_gateway.proxy import make_http_client
     from lmarena_gateway.sessions import validate_registration
-    from lmarena_gateway.store import DBMSessionStore
+    from lmarena_gateway.store.sqlite import DBMSessionStore
 
     bridge = HeldBridge()
     config = evolve(GatewayConfig(), bridge_url=await listen(bridge), keepalive=15,

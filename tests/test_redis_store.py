@@ -18,9 +18,9 @@ from twisted.internet.task import deferLater
 
 from lmarena_gateway.config import ConfigError, build_config
 from lmarena_gateway.errors import ApiError
-from lmarena_gateway.redis_sessions import connect, encode, parse_address
-from lmarena_gateway.redis_store import RedisSessionStore
 from lmarena_gateway.sessions import validate_registration
+from lmarena_gateway.store.redis import RedisSessionStore
+from lmarena_gateway.store.redis_commands import connect, encode, parse_address
 
 from support.client import SESSION
 from support.processes import free_port

@@ -350,7 +350,7 @@ async def test_bridge_allow_list_is_configurable(gateway_factory):
 async def test_bridge_allow_list_is_checked_again_before_each_request(gateway_factory, tmp_path, reactor):
     from attrs import evolve
 
-    from lmarena_gateway.store import SessionFile
+    from lmarena_gateway.store.sqlite import SessionFile
 
     gw = await gateway_factory()
     await call("POST", gw.url + "/session/register", SESSION)

@@ -201,7 +201,7 @@ async def test_concurrent_registrations_all_stored(gateway_factory):
     codes = await gatherResults([limit.run(lambda i=i: Deferred.fromCoroutine(one(i))) for i in range(500)])
     await pool.closeCachedConnections()
     assert codes == [200] * 500
-    from lmarena_gateway.store import SessionFile
+    from lmarena_gateway.store.sqlite import SessionFile
 
     on_disk, broken = SessionFile(gw.config.storage).load()
     assert not broken and len(on_disk) == 500

@@ -11,10 +11,10 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
-from lmarena_gateway import sqlitedbm
 from lmarena_gateway.service import DAY, Pruner
 from lmarena_gateway.sessions import validate_registration
-from lmarena_gateway.store import DBMSessionStore, SessionFile
+from lmarena_gateway.store import sqlitedbm
+from lmarena_gateway.store.sqlite import DBMSessionStore, SessionFile
 
 from support.client import SESSION
 from support.processes import bin_path, http, wait_for

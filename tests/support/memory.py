@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from lmarena_gateway.sessions import Registration, SessionRecord, session_key
-from lmarena_gateway.store import CachedSessions, ISessionStore
+from lmarena_gateway.store.sqlite import CachedSessions, ISessionStore
 
 
 @implementer(ISessionStore)

@@ -11,7 +11,7 @@ Keys under the prefix (default ``lmgw:``); README "Several instances" explains t
   secret and per-name generations (see tokens.RedisSecrets).
 
 Every change is one Lua script: atomic, and announced in the same step. The daemon's
-store (redis_store) and the CLI (:class:`RedisSessionFile`) share these commands.
+store (store.redis) and the CLI (:class:`RedisSessionFile`) share these commands.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wra
 from twisted.internet.error import TimeoutError as TwistedTimeout
 from zope.interface import implementer
 
-from .config import is_redis_storage
-from .errors import ApiError, retry_after
-from .sessions import (
+from ..config import is_redis_storage
+from ..errors import ApiError, retry_after
+from ..sessions import (
     Registration,
     SessionRecord,
     decode_record,
@@ -39,7 +39,7 @@ from .sessions import (
     record_is_valid,
     session_key,
 )
-from .store import ISessionTable
+from .sqlite import ISessionTable
 
 BATCH = 500
 REDIS_ERRORS = (txredisapi.RedisError, CancelledError, TwistedTimeout, ConnectionError)
@@ -47,8 +47,8 @@ REDIS_ERRORS = (txredisapi.RedisError, CancelledError, TwistedTimeout, Connectio
 
 
 def _lua(name: str) -> str:
-    """A script from lmarena_gateway/lua/, each prefixed with the shared announce.lua."""
-    folder = files("lmarena_gateway").joinpath("lua")
+    """A script from lmarena_gateway/store/lua/, each prefixed with the shared announce.lua."""
+    folder = files("lmarena_gateway.store").joinpath("lua")
     return folder.joinpath("announce.lua").read_text() + folder.joinpath(f"{name}.lua").read_text()
 
 

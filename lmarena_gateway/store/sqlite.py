@@ -20,9 +20,9 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Attribute, Interface, implementer
 
+from ..errors import ApiError
+from ..sessions import Registration, SessionRecord, decode_record, encode_record, iso, session_key
 from . import sqlitedbm
-from .errors import ApiError
-from .sessions import Registration, SessionRecord, decode_record, encode_record, iso, session_key
 
 PRUNE_BATCH = 1000
 

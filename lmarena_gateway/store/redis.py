@@ -1,7 +1,7 @@
 """The Redis session store: several gateway instances sharing their sessions.
 
 Each instance answers lookups from memory, kept current by the change channel (see
-redis_sessions for the keys); after any lost subscription it reloads everything, since
+redis_commands for the keys); after any lost subscription it reloads everything, since
 messages sent meanwhile are gone for good. Writes are acknowledged only once Redis has
 answered; while it cannot answer they fail with 503 and known sessions keep working.
 """
@@ -17,9 +17,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .redis_sessions import RedisAddress, RedisSessions, connect, decode, parse_address
-from .sessions import Registration, SessionRecord, session_key
-from .store import CachedSessions, ISessionStore
+from ..sessions import Registration, SessionRecord, session_key
+from .redis_commands import RedisAddress, RedisSessions, connect, decode, parse_address
+from .sqlite import CachedSessions, ISessionStore
 
 log = Logger()
 BATCH = 500

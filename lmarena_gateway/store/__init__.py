@@ -1,0 +1,1 @@
+"""Where sessions live: one package, one module per backend."""
