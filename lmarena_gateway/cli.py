@@ -7,15 +7,19 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from attrs import evolve
 
-from .config import ConfigError, build_config, is_redis_storage
+from .config import ConfigError, build_config
 from .errors import ApiError
 from .security import require_bridge_allowed
 from .sessions import SessionRecord, parse_time, validate_registration
-from .store.sqlite import SessionFile, export_of, stats_of
+from .store import REDIS, backend_of, open_table
+from .store.cache import export_of, stats_of
+
+if TYPE_CHECKING:
+    from .store import Table
 
 DAY = 86400.0
 
@@ -25,18 +29,7 @@ CLI_SETTINGS = frozenset({"storage", "redis_prefix", "domains", "cleanup_days", 
                           "bridge_url", "bridge_allow", "max_sessions_per_domain"})
 
 
-def _open(path: str, *, create: bool = False) -> SessionFile:
-    if create:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    elif not os.path.exists(path):
-        raise SystemExit(f"lmgateway: no session store at {path!r} (set --storage or STORAGE_PATH)")
-    try:
-        return SessionFile(path, "c" if create else "w")
-    except OSError as e:
-        raise SystemExit(f"lmgateway: cannot open the session store: {e}") from None
-
-
-def cmd_stats(store: SessionFile, args, config, out) -> int:
+def cmd_stats(store: Table, args, config, out) -> int:
     records, broken = store.load()
     stats = stats_of(records.values())
     for domain, count in stats["domains"].items():
@@ -49,7 +42,7 @@ def cmd_stats(store: SessionFile, args, config, out) -> int:
     return 0
 
 
-def cmd_cleanup(store: SessionFile, args, config, out) -> int:
+def cmd_cleanup(store: Table, args, config, out) -> int:
     days = config.cleanup_days if args.days is None else args.days
     if days < 0:
         raise SystemExit("lmgateway: DAYS must be >= 0")
@@ -68,7 +61,7 @@ def cmd_cleanup(store: SessionFile, args, config, out) -> int:
     return 0
 
 
-def cmd_export(store: SessionFile, args, config, out) -> int:
+def cmd_export(store: Table, args, config, out) -> int:
     records, _ = store.load()
     json.dump(export_of(records.values(), time.time()), out, indent=2, sort_keys=True)
     out.write("\n")
@@ -134,7 +127,7 @@ def within_limits(records: list[SessionRecord], existing, limit: int) -> tuple[l
     return kept, skipped
 
 
-def cmd_import(store: SessionFile, args, config, out) -> int:
+def cmd_import(store: Table, args, config, out) -> int:
     try:
         with open(args.file, encoding="utf-8") if args.file != "-" else sys.stdin as source:
             data = json.load(source)
@@ -166,11 +159,11 @@ def cmd_revoke(args, environ, out) -> int:
     if not SESSION_NAME.fullmatch(args.name):
         raise SystemExit(f"lmgateway: {args.name!r} is not a session name")
     try:
-        if is_redis_storage(config.storage):
+        if backend_of(config.storage) == REDIS:
             from .store.redis_commands import RedisSessionFile
 
-            store = RedisSessionFile(config.storage, prefix=config.redis_prefix,
-                                     domains=config.domains)
+            store = open_table(config)
+            assert isinstance(store, RedisSessionFile)  # the secret lives with the sessions
             try:
                 generation = store.revoke_tokens(args.name)
             finally:
@@ -254,15 +247,12 @@ def main(argv=None, environ=None, out=None) -> int:
                                "bridge-allow": args.bridge_allow}, environ, CLI_SETTINGS)
     except ConfigError as e:
         raise SystemExit(f"lmgateway: {e}") from None
-    store: Any
-    if is_redis_storage(config.storage):
-        # The same commands over Redis: RedisSessionFile has SessionFile's methods.
-        from .store.redis_commands import RedisSessionFile
-
-        store = RedisSessionFile(config.storage, prefix=config.redis_prefix,
-                                 domains=config.domains)
-    else:
-        store = _open(config.storage, create=getattr(args, "create", False))
+    try:
+        store = open_table(config, create=getattr(args, "create", False))
+    except FileNotFoundError as e:
+        raise SystemExit(f"lmgateway: {e.args[0]}") from None
+    except OSError as e:
+        raise SystemExit(f"lmgateway: cannot open the session store: {e}") from None
     try:
         return args.run(store, args, config, out)
     finally:

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 from attrs import field, frozen
 
+from .store import REDIS, SQLITE, backend_of
+
 DEFAULT_DOMAINS = (
     "lmarena.ai",
     "canary.lmarena.ai",
@@ -31,11 +33,6 @@ class ConfigError(ValueError):
 
 # The one place a storage setting's kind is decided: these schemes are a Redis server,
 # anything else a file path (the SQLite-backed DBM store).
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-
-
-def is_redis_storage(storage: str) -> bool:
-    return storage.startswith(REDIS_SCHEMES)
 
 
 @frozen
@@ -89,7 +86,7 @@ class GatewayConfig:
     def registration_secret_file(self) -> str:
         if self.secret_file:
             return self.secret_file
-        directory = "storage" if "://" in self.storage else os.path.dirname(self.storage)
+        directory = "storage" if backend_of(self.storage) == REDIS else os.path.dirname(self.storage)
         return os.path.join(directory, "registration.secret")
 
 
@@ -201,12 +198,11 @@ def _parse_key(value: str) -> str | None:
 def _parse_storage(value: str) -> str:
     if not value:
         raise ValueError("an empty path")
-    if "://" in value:
-        if is_redis_storage(value):
-            from .store.redis_commands import parse_address
+    if backend_of(value) == REDIS:
+        from .store.redis_commands import parse_address
 
-            parse_address(value)  # a bad Redis URL is a one-line error, not a traceback
-        return value  # a server URL; the store that owns the scheme checks it
+        parse_address(value)  # a bad Redis URL is a one-line error, not a traceback
+        return value
     if os.path.isdir(value):
         raise ValueError(f"{value!r} is a directory, not a file")
     return value
@@ -237,7 +233,7 @@ def prepare_daemon(config: "GatewayConfig") -> None:
     source = config.sources.get
     checks = []
     storage = source("storage", "--storage")
-    if "://" not in config.storage:
+    if backend_of(config.storage) == SQLITE:
         # With Redis the secret lives in Redis: no file, no directory to demand.
         checks = [(storage, config.storage),
                   (source("secret_file", "--secret-file"), config.registration_secret_file)]
@@ -246,7 +242,7 @@ def prepare_daemon(config: "GatewayConfig") -> None:
             _writable_directory_for(path)
         except ValueError as e:
             raise ConfigError(f"{option}: {e}") from None
-    if "://" not in config.storage:
+    if backend_of(config.storage) == SQLITE:
         from .store import sqlitedbm
 
         if os.path.exists(config.storage) and not os.access(config.storage, os.R_OK | os.W_OK):

@@ -10,7 +10,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from .config import GatewayConfig, is_redis_storage
+from .config import GatewayConfig
 from .gateway import Gateway, make_site
 from .metrics import Metrics
 from .proxy import make_http_client
@@ -18,9 +18,9 @@ from .security import ClientKeyService, SighupReloader
 from .status import RegistryTabs, StatusPages
 from .status.probe import TICK as PROBE_TICK
 from .status.probe import BridgeProber
-from .store.sqlite import DBMSessionStore
+from .store import open_store, secret_source
 from .tabs import TabRegistry
-from .tokens import FileSecrets, RedisSecrets, RegistrationTokens
+from .tokens import RegistrationTokens
 
 log = Logger()
 DAY = 86400.0
@@ -121,11 +121,7 @@ class _ConnectionPoolService(Service):
 
 
 def make_store(config: GatewayConfig, reactor):
-    if is_redis_storage(config.storage):
-        from .store.redis import RedisSessionStore
-
-        return RedisSessionStore.from_url(config.storage, reactor, config=config)
-    return DBMSessionStore(config.storage, reactor)
+    return open_store(config, reactor)
 
 
 class Listener(StreamServerEndpointService):
@@ -185,8 +181,7 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
     pruner.setName("pruner")
     pruner.setServiceParent(root)
 
-    secrets = RedisSecrets(store) if getattr(store, "backend", None) == "redis" \
-        else FileSecrets(config.registration_secret_file)
+    secrets = secret_source(config, store)
     tokens = RegistrationTokens(secrets, reactor)
     tokens.setName("registration-tokens")
     tokens.setServiceParent(root)

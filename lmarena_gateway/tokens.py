@@ -20,6 +20,9 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from .store.interfaces import ISecretSource
 
 log = Logger()
 PREFIX = "lmrt1"
@@ -78,6 +81,7 @@ def make_token(secret: bytes, name: str, generation: int) -> str:
     return f"{PREFIX}.{generation}.{base64.urlsafe_b64encode(mac).decode().rstrip('=')}"
 
 
+@implementer(ISecretSource)
 class FileSecrets:
     """The secret and the generations in two files beside the store."""
 
@@ -108,6 +112,7 @@ class FileSecrets:
         return deferToThread(revoke, self.secret_path, name)
 
 
+@implementer(ISecretSource)
 class RedisSecrets:
     """The secret and the generations in Redis, beside the sessions they guard.
 

@@ -10,7 +10,7 @@ import pytest
 from zope.interface.verify import verifyObject
 
 from lmarena_gateway import __version__
-from lmarena_gateway.store.sqlite import ISessionStore
+from lmarena_gateway.store import ISessionStore
 
 from support.client import SESSION
 from support.memory import MemoryStore

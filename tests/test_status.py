@@ -27,7 +27,7 @@ from lmarena_gateway.status.activity import Activity, RollingWindow
 from lmarena_gateway.status.gather import NoTabs
 from lmarena_gateway.status.page import fmt
 from lmarena_gateway.status.probe import BridgeProber
-from lmarena_gateway.store.sqlite import CachedSessions
+from lmarena_gateway.store.cache import CachedSessions
 from lmarena_gateway.tokens import RegistrationTokens
 
 T0 = 1_790_000_000.0

@@ -18,8 +18,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..sessions import Registration, SessionRecord, session_key
+from .cache import CachedSessions
+from .interfaces import ISessionStore
 from .redis_commands import RedisAddress, RedisSessions, connect, decode, parse_address
-from .sqlite import CachedSessions, ISessionStore
 
 log = Logger()
 BATCH = 500

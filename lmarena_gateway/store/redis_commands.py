@@ -28,7 +28,6 @@ from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wra
 from twisted.internet.error import TimeoutError as TwistedTimeout
 from zope.interface import implementer
 
-from ..config import is_redis_storage
 from ..errors import ApiError, retry_after
 from ..sessions import (
     Registration,
@@ -39,7 +38,8 @@ from ..sessions import (
     record_is_valid,
     session_key,
 )
-from .sqlite import ISessionTable
+from . import REDIS, backend_of
+from .interfaces import ISessionTable
 
 BATCH = 500
 REDIS_ERRORS = (txredisapi.RedisError, CancelledError, TwistedTimeout, ConnectionError)
@@ -109,7 +109,7 @@ def parse_address(url: str) -> RedisAddress:
     """``redis://[[user]:password@]host[:port][/db]``, ``rediss://...[?ca=PEM]``,
     ``unix://[...@]/path[?db=N]``."""
     parts = urlsplit(url)
-    if not is_redis_storage(url):
+    if backend_of(url) != REDIS:
         raise ValueError(f"{url!r} is not a redis://, rediss:// or unix:// URL")
     query = parse_qs(parts.query, keep_blank_values=True)
     allowed = {"db", "ca"} if parts.scheme == "rediss" else {"db"}

@@ -1,4 +1,4 @@
-"""Where sessions live: the store interface and the embedded SQLite-dbm backend.
+"""The embedded backend: sessions in memory, written through to a SQLite-dbm file.
 
 Callers on the reactor read sessions from memory only; every disk operation runs in a
 one-thread pool, one at a time, and a write is acknowledged only once committed.
@@ -12,74 +12,30 @@ import sqlite3
 from collections import Counter
 from typing import Iterable
 
-from twisted.application.service import IService, Service
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
 from ..errors import ApiError
-from ..sessions import Registration, SessionRecord, decode_record, encode_record, iso, session_key
+from ..sessions import Registration, SessionRecord, decode_record, encode_record, session_key
 from . import sqlitedbm
+from .cache import CachedSessions, idle_since, settle_for_the_collector
+from .interfaces import ISessionStore, ISessionTable
 
 PRUNE_BATCH = 1000
 
 
-class ISessionStore(IService):
-    """What the gateway needs from a session store, whatever holds the data.
-
-    It is a service: make_service starts it before the listeners and stops it after.
-    """
-
-    backend = Attribute("A short name for the backend, shown by stats and /health.")
-
-    def get(domain: str, name: str) -> SessionRecord | None:
-        """The session, from memory: never waits on disk or network."""
-
-    def records(domain: str | None = None) -> list[SessionRecord]:
-        """All sessions (of one domain), from memory."""
-
-    def register(registration: Registration, now: float) -> Deferred:
-        """Upsert; fires with the stored SessionRecord once it is durable."""
-
-    def delete(domain: str, name: str) -> Deferred:
-        """Fires with True once removed, False if there was no such session."""
-
-    def touch(domain: str, name: str, now: float) -> None:
-        """Note a use in memory; persisted later in batches."""
-
-    def prune(cutoff: float) -> Deferred:
-        """Remove sessions idle since before ``cutoff``; fires with {domain: count}."""
-
-    def health() -> dict:
-        """{"backend": ..., "status": "ok" | "degraded", ...} for /health."""
-
-
-class ISessionTable(Interface):
-    """The blocking face of a store, for the CLI: each call waits for its answer."""
-
-    backend = Attribute("A short name for the backend, as ISessionStore.backend.")
-    path = Attribute("Where the data is, for messages: a file, or a Redis address.")
-
-    def load() -> tuple[dict[str, SessionRecord], list[str]]:
-        """Every readable record by key, and the keys of those that could not be read."""
-
-    def put(record: SessionRecord) -> None:
-        """Store the record exactly as given (import)."""
-
-    def delete(domain: str, name: str) -> bool:
-        """True once removed, False if there was no such session."""
-
-    def prune(cutoff: float, candidates: Iterable[SessionRecord]) -> list[SessionRecord]:
-        """Remove those candidates still idle since before ``cutoff``; the removed ones."""
-
-    def size() -> int:
-        """Bytes the data takes."""
-
-    def close() -> None:
-        """Release the file or connection."""
+def open_file(path: str, *, create: bool = False) -> SessionFile:
+    """The CLI's table: an existing store file, unless ``create`` (import) asks for one."""
+    if create:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"no session store at {path!r} (set --storage or STORAGE_PATH)")
+    return SessionFile(path, "c" if create else "w")
 
 
 @implementer(ISessionTable)
@@ -164,63 +120,6 @@ class SessionFile:
         )
 
 
-def stats_of(records: Iterable[SessionRecord]) -> dict:
-    per_domain = Counter(record.domain for record in records)
-    return {"domains": dict(sorted(per_domain.items())), "total": sum(per_domain.values())}
-
-
-def export_of(records: Iterable[SessionRecord], now: float) -> dict:
-    """The PHP gateway's sessions.json shape, so backups and moves are one pipe."""
-    domains: dict[str, dict] = {}
-    for record in sorted(records, key=lambda r: r.key):
-        domains.setdefault(record.domain, {})[record.session_name] = record.to_json()
-    return {"domains": domains, "created_at": iso(now)}
-
-
-def _settle_for_the_collector() -> None:
-    """Move what is loaded out of the garbage collector's sight.
-
-    A full collection walks every tracked object while holding the interpreter lock;
-    with 100 000 sessions in memory that is a stall of 100 ms or more, wherever it
-    happens to start (the store's thread included). Frozen objects are not walked.
-    """
-    gc.collect()
-    gc.freeze()
-
-
-def _idle_since(records: list[SessionRecord], cutoff: float) -> list[SessionRecord]:
-    return [r for r in records if r.last_activity < cutoff]
-
-
-class CachedSessions:
-    """What every store keeps in memory: the sessions, for lookups that never wait, and
-    the uses not yet saved (``touch`` notes them; the store saves them in batches)."""
-
-    def __init__(self) -> None:
-        self._cache: dict[str, SessionRecord] = {}
-        self._used: dict[str, float] = {}
-
-    def get(self, domain: str, name: str) -> SessionRecord | None:
-        return self._cache.get(session_key(domain, name))
-
-    def records(self, domain: str | None = None) -> list[SessionRecord]:
-        return [r for r in self._cache.values() if domain is None or r.domain == domain]
-
-    def touch(self, domain: str, name: str, now: float) -> None:
-        key = session_key(domain, name)
-        record = self._cache.get(key)
-        if record is not None:
-            self._cache[key] = record.touched(now)
-            self._used[key] = float(int(now))
-
-    def with_pending_use(self, record: SessionRecord) -> SessionRecord:
-        """``record`` as read from storage, plus a use noted here and not saved yet."""
-        used = self._used.get(record.key)
-        if used is not None and (record.last_used_at or 0) < used:
-            return record.touched(used)
-        return record
-
-
 @implementer(ISessionStore)
 class DBMSessionStore(CachedSessions, Service):
     """Sessions in memory for lookups, written through to a SQLite-dbm file."""
@@ -250,7 +149,7 @@ class DBMSessionStore(CachedSessions, Service):
         self._file = SessionFile(self.path)
         self._cache, broken = self._file.load()
         self._version = self._file.data_version()
-        _settle_for_the_collector()
+        settle_for_the_collector()
         for key in broken:
             self.log.warn("session store: unreadable record {key!r} ignored", key=key)
         self.log.info("session store {path}: {count} sessions", path=self.path, count=len(self._cache))
@@ -349,7 +248,7 @@ class DBMSessionStore(CachedSessions, Service):
     def prune(self, cutoff: float):
         # A snapshot of immutable records; the filtering and the disk work run in the
         # thread, in batches, so neither the reactor nor queued registrations wait long.
-        candidates = yield self._in_thread(_idle_since, list(self._cache.values()), cutoff)
+        candidates = yield self._in_thread(idle_since, list(self._cache.values()), cutoff)
         pruned: Counter = Counter()
         while candidates:
             # Let go of each batch as it is done: 100 000 records freed at once at the

@@ -13,7 +13,8 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from lmarena_gateway.sessions import Registration, SessionRecord, session_key
-from lmarena_gateway.store.sqlite import CachedSessions, ISessionStore
+from lmarena_gateway.store import ISessionStore
+from lmarena_gateway.store.cache import CachedSessions
 
 
 @implementer(ISessionStore)
