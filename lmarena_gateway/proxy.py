@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import uuid
 from typing import Any
 
 from attrs import frozen
@@ -30,10 +29,10 @@ from .metrics import Metrics
 from .relay import Relay, normalize_error, read_capped, redact, set_status
 from .security import require_bridge_allowed
 from .sessions import SessionRecord, check_domain, check_session_name
+from .site import request_id
 from .upstream import IUpstream, Route
 
 log = Logger()
-REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 def _reasons(failure):
@@ -151,19 +150,6 @@ def upstream_for(record: SessionRecord | None, config: GatewayConfig) -> Upstrea
         return Upstream(record.bridge_base_url, record.bridge_api_key, label)
     key = record.bridge_api_key if record is not None and record.bridge_api_key else config.bridge_api_key
     return Upstream(config.bridge_url, key, label)
-
-
-def request_id(request) -> str:
-    """The client's X-Request-ID when it is sane, else a new one (the front door sets it)."""
-    known = getattr(request, "request_id", None)
-    if known:
-        return known
-    given = request.getHeader(b"x-request-id")
-    if given:
-        text = given.decode("latin-1")
-        if REQUEST_ID.fullmatch(text):
-            return text
-    return uuid.uuid4().hex
 
 
 def session_name_of(request) -> str:

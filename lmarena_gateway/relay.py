@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from .errors import envelope, note_error
+from .site import request_id
 
 log = Logger()
 DONE = b"data: [DONE]"
@@ -162,7 +163,7 @@ class Relay(Protocol):
         self.stopped = True
         self._cancel_timers()
         log.info("bridge {url} {code}: {message}", url=self.upstream_url, code=code,
-                 message=message, request_id=getattr(self.request, "request_id", None))
+                 message=message, request_id=request_id(self.request))
         if self.sse:
             prefix = b"" if self._between_events() else b"\n\n"
             self.request.write(prefix + sse_error(message, code))

@@ -11,10 +11,11 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from .config import GatewayConfig
-from .gateway import Gateway, make_site
+from .gateway import Gateway
 from .metrics import Metrics
 from .proxy import make_http_client
 from .security import ClientKeyService, SighupReloader
+from .site import make_site
 from .status import RegistryTabs, StatusPages
 from .status.probe import TICK as PROBE_TICK
 from .status.probe import BridgeProber

@@ -11,7 +11,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from lmarena_gateway.connections import connections_for_open_files
-from lmarena_gateway.gateway import GatewaySite
+from lmarena_gateway.site import GatewaySite
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
 

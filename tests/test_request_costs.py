@@ -7,7 +7,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 
-from lmarena_gateway.gateway import GatewaySite
+from lmarena_gateway.site import GatewaySite
 
 
 class Seen(Resource):

@@ -18,9 +18,10 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from lmarena_gateway.config import GatewayConfig
-from lmarena_gateway.gateway import Gateway, make_site
+from lmarena_gateway.gateway import Gateway
 from lmarena_gateway.proxy import Upstream
 from lmarena_gateway.sessions import SessionRecord
+from lmarena_gateway.site import make_site
 from lmarena_gateway.status import ITabSource, SessionTabsView, StatusPages, TabView
 from lmarena_gateway.status.actions import CsrfTokens
 from lmarena_gateway.status.activity import Activity, RollingWindow

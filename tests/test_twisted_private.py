@@ -17,8 +17,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from lmarena_gateway.config import GatewayConfig
-from lmarena_gateway.gateway import GatewaySite
 from lmarena_gateway.proxy import make_http_client
+from lmarena_gateway.site import GatewaySite
 
 
 def test_the_connection_pool_builds_its_connections_with_its_factory_attribute():

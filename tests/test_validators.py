@@ -7,8 +7,8 @@ the API could not delete and bridge keys that broke the userscript.
 import pytest
 
 from lmarena_gateway.errors import ApiError
-from lmarena_gateway.proxy import request_id
 from lmarena_gateway.sessions import check_domain, check_session_name, validate_registration
+from lmarena_gateway.site import request_id
 from lmarena_gateway.userscript import check_gateway_url, check_host, render_script
 
 from conftest import SESSION

@@ -20,8 +20,9 @@ from twisted.web.resource import Resource
 
 from lmarena_gateway.config import GatewayConfig
 from lmarena_gateway.fakebridge import FakeBridge
-from lmarena_gateway.gateway import Gateway, make_site
+from lmarena_gateway.gateway import Gateway
 from lmarena_gateway.sessions import validate_registration
+from lmarena_gateway.site import make_site
 
 from support.memory import MemoryStore
 
