@@ -10,146 +10,31 @@ import re
 import time
 from typing import Any
 
-from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, maybeDeferred
-from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web._newclient import _WrapperException
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from .bridge_client import BridgeClient, BridgeEndpoints
+from .bridge import (
+    Upstream,
+    cancelled,
+    normalize_error,
+    read_capped,
+    redact,
+    tls_failed,
+    upstream_for,
+    why,
+)
 from .config import GatewayConfig
 from .errors import ApiError, envelope, note_error, parse_json, set_error_headers
 from .metrics import Metrics
-from .relay import Relay, normalize_error, read_capped, redact, set_status
-from .security import require_bridge_allowed
+from .relay import Relay, set_status
 from .sessions import SessionRecord, check_domain, check_session_name
 from .site import request_id
 from .upstream import IUpstream, Route
 
 log = Logger()
-
-
-def _reasons(failure):
-    """The failure and every failure the HTTP client wrapped inside it."""
-    yield failure
-    if failure.check(_WrapperException):
-        for reason in failure.value.reasons:
-            yield from _reasons(reason)
-
-
-def _cancelled(failure) -> bool:
-    """A cancellation, however the HTTP client wrapped it."""
-    return any(f.check(CancelledError, ConnectingCancelledError) for f in _reasons(failure))
-
-
-def _tls_failed(failure) -> bool:
-    from OpenSSL.SSL import Error as TLSError
-
-    return any(f.check(TLSError) for f in _reasons(failure))
-
-
-def _why(failure) -> str:
-    """One readable reason, not a repr of nested Failures."""
-    if failure.check(_WrapperException) and failure.value.reasons:
-        return _why(failure.value.reasons[0])
-    return failure.getErrorMessage() or failure.type.__name__
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    noisy = False  # one "Starting factory" log line per bridge connection is noise
-
-
-@implementer(IPolicyForHTTPS)
-class HandshakeDeadline:
-    """TLS to a bridge must finish within the connect timeout.
-
-    A plain-http server sent a TLS ClientHello may wait for a request line forever
-    (twisted.web does), so an ``https://`` URL in front of it would hang until the idle
-    timeout; past the deadline the handshake fails as a TLS error, which we can name.
-    """
-
-    def __init__(self, inner, clock, timeout: float) -> None:
-        self.inner = inner
-        self.clock = clock
-        self.timeout = timeout
-
-    def creatorForNetloc(self, hostname: bytes, port: int):
-        return _DeadlineCreator(self.inner.creatorForNetloc(hostname, port), self)
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class _DeadlineCreator:
-    def __init__(self, inner, policy: HandshakeDeadline) -> None:
-        self.inner = inner
-        self.policy = policy
-
-    def clientConnectionForTLS(self, tls_protocol):
-        from OpenSSL.SSL import Error as TLSError
-
-        connection = self.inner.clientConnectionForTLS(tls_protocol)
-
-        def expired() -> None:
-            # A finished handshake or a closed connection makes this a no-op.
-            if tls_protocol.connected and not getattr(tls_protocol, "_handshakeDone", True):
-                tls_protocol.failVerification(Failure(TLSError(
-                    f"no TLS handshake within {self.policy.timeout:g} s")))
-
-        self.policy.clock.callLater(self.policy.timeout, expired)
-        return connection
-
-
-def make_http_client(reactor, config: GatewayConfig):
-    """One client over one persistent pool for every bridge request.
-
-    treq's surface; the bridge requests skip treq's per-call wrappers (see bridge_client).
-    """
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietClientFactory
-    pool.maxPersistentPerHost = 64
-    # Below uvicorn's 5 s keep-alive: we drop idle connections before the bridge does,
-    # so a POST never lands on a connection the bridge is closing.
-    pool.cachedConnectionTimeout = 4
-    tls = HandshakeDeadline(BrowserLikePolicyForHTTPS(), reactor, config.connect_timeout)
-    endpoints = BridgeEndpoints(reactor, connect_timeout=config.connect_timeout, tls_policy=tls)
-    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-    return BridgeClient(agent), pool
-
-
-@frozen
-class Upstream:
-    """Where one request goes and how it authenticates there.
-
-    ``label`` names it in messages a client shows its user: the session, never the URL
-    (which stays in the log line, matched by the request id).
-    """
-
-    base_url: str
-    api_key: str | None = None
-    label: str = "the bridge"
-
-    def url(self, path: str) -> str:
-        return self.base_url + path
-
-
-def upstream_for(record: SessionRecord | None, config: GatewayConfig) -> Upstream:
-    """The operator's key goes only to the operator's bridge, never to a registered URL.
-
-    A registered URL is checked against --bridge-allow again here: the list may have
-    shrunk since the session was registered.
-    """
-    label = f"the bridge of session {record.session_name!r}" if record is not None \
-        else "the default bridge"
-    if record is not None and record.bridge_base_url:
-        require_bridge_allowed(record.bridge_base_url, config.bridge_allow_list, status=403)
-        return Upstream(record.bridge_base_url, record.bridge_api_key, label)
-    key = record.bridge_api_key if record is not None and record.bridge_api_key else config.bridge_api_key
-    return Upstream(config.bridge_url, key, label)
 
 
 def session_name_of(request) -> str:
@@ -365,11 +250,11 @@ class Proxy:
             timed_out = not timer.active()
             if timer.active():
                 timer.cancel()
-            if failure.check(TimeoutError) or (timed_out and _cancelled(failure)):
+            if failure.check(TimeoutError) or (timed_out and cancelled(failure)):
                 code, status, what = "BRIDGE_TIMEOUT", 504, "did not answer in time"
-            elif _cancelled(failure):
+            elif cancelled(failure):
                 raise CancelledError()  # the client went away: nothing to report
-            elif _tls_failed(failure):
+            elif tls_failed(failure):
                 code, status, what = "BRIDGE_TLS_ERROR", 502, (
                     "could not be reached over TLS (is its URL https:// in front of a "
                     "plain-http bridge, or is its certificate wrong?)")
@@ -380,7 +265,7 @@ class Proxy:
                 # request was written, a malformed answer, ...) is still the bridge's
                 # failure, in the envelope: never Twisted's HTML error page.
                 code, status, what = "BRIDGE_ERROR", 502, "failed to answer"
-            log.info("bridge {url} {code}: {why}", url=url, code=code, why=_why(failure),
+            log.info("bridge {url} {code}: {why}", url=url, code=code, why=why(failure),
                      request_id=rid)
             self.metrics.upstream_error(code)
             raise ApiError(status, code, f"{upstream.label} {what}", "bridge_error")

@@ -24,65 +24,6 @@ from .site import request_id
 
 log = Logger()
 DONE = b"data: [DONE]"
-MAX_ERROR_BODY = 64 * 1024
-
-
-_BRIDGE_CODES = {
-    400: "BRIDGE_BAD_REQUEST",
-    401: "BRIDGE_UNAUTHORIZED",
-    403: "BRIDGE_FORBIDDEN",
-    404: "BRIDGE_NOT_FOUND",
-    413: "BRIDGE_PAYLOAD_TOO_LARGE",
-    429: "BRIDGE_RATE_LIMITED",
-    503: "BRIDGE_NOT_READY",
-}
-
-
-def normalize_error(status: int, body: bytes) -> dict:
-    """The bridge's three error shapes ({"detail"}, {"error": str}, the envelope) as the envelope."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    code = _BRIDGE_CODES.get(status, "BRIDGE_ERROR")
-    kind = "invalid_request_error" if status < 500 else "bridge_error"
-    message = None
-    if isinstance(data, dict):
-        error = data.get("error")
-        if isinstance(error, dict):
-            message = error.get("message")
-            code = str(error.get("code") or code)
-            kind = str(error.get("type") or kind)
-        elif isinstance(error, str):
-            message = error
-        elif "detail" in data:
-            detail = data["detail"]
-            message = detail if isinstance(detail, str) else json.dumps(detail)
-    if not isinstance(message, str) or not message:
-        text = body.decode("utf-8", "replace").strip()[:500]
-        message = text or f"the bridge answered HTTP {status}"
-    return envelope(f"bridge: {message}", code, kind)
-
-
-REDACTED = "[redacted]"
-
-
-def redact(payload: dict, secrets) -> dict:
-    """The envelope with every secret we hold cut out of its strings.
-
-    A bridge may echo what it was sent (``Authorization: Bearer <bridge key>``) in an
-    error; that text must not reach the client, the metrics or the log.
-    """
-    secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
-
-    def clean(value):
-        if not isinstance(value, str):
-            return value
-        for secret in secrets:
-            value = value.replace(secret, REDACTED)
-        return value
-
-    return {"error": {key: clean(value) for key, value in payload["error"].items()}}
 
 
 def sse_error(message: str, code: str, kind: str = "bridge_error") -> bytes:
@@ -221,37 +162,6 @@ class Relay(Protocol):
             self.stopped = True
             self._cancel_timers()
             self._finish()
-
-
-class _Capped(Protocol):
-    """Collects a body up to ``limit`` bytes, then drops the rest of it."""
-
-    transport: Any
-
-    def __init__(self, limit: int, done: Deferred) -> None:
-        self.limit = limit
-        self.done = done
-        self.parts: list[bytes] = []
-        self.size = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.size >= self.limit:
-            return
-        self.parts.append(data[: self.limit - self.size])
-        self.size += len(self.parts[-1])
-        if self.size >= self.limit:
-            self.transport.stopProducing()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if not self.done.called:
-            self.done.callback(b"".join(self.parts))
-
-
-def read_capped(response, limit: int = MAX_ERROR_BODY) -> Deferred:
-    """The first ``limit`` bytes of a body: an error page may be as large as it likes."""
-    done: Deferred = Deferred()
-    response.deliverBody(_Capped(limit, done))
-    return done
 
 
 def set_status(request, status: int) -> None:

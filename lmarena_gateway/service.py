@@ -10,10 +10,10 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from .bridge import make_http_client
 from .config import GatewayConfig
 from .gateway import Gateway
 from .metrics import Metrics
-from .proxy import make_http_client
 from .security import ClientKeyService, SighupReloader
 from .site import make_site
 from .status import RegistryTabs, StatusPages

@@ -134,9 +134,9 @@ async def test_bridge_error_status_is_kept_in_the_envelope(gateway_factory, list
 async def test_keepalives_and_idle_timeout_on_a_clock(listen, tmp_path, reactor):
     from attrs import evolve
 
+    from lmarena_gateway.bridge import make_http_client
     from lmarena_gateway.config import GatewayConfig
     from lmarena_gateway.gateway import Gateway
-    from lmarena_gateway.proxy import make_http_client
     from lmarena_gateway.sessions import validate_registration
     from lmarena_gateway.site import make_site
     from lmarena_gateway.store.sqlite import DBMSessionStore

@@ -17,9 +17,9 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from lmarena_gateway.bridge import Upstream
 from lmarena_gateway.config import GatewayConfig
 from lmarena_gateway.gateway import Gateway
-from lmarena_gateway.proxy import Upstream
 from lmarena_gateway.sessions import SessionRecord
 from lmarena_gateway.site import make_site
 from lmarena_gateway.status import ITabSource, SessionTabsView, StatusPages, TabView

@@ -16,8 +16,8 @@ from twisted.web.client import HTTPConnectionPool, ResponseFailed, _HTTP11Client
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from lmarena_gateway.bridge import make_http_client
 from lmarena_gateway.config import GatewayConfig
-from lmarena_gateway.proxy import make_http_client
 from lmarena_gateway.site import GatewaySite
 
 

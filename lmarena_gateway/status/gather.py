@@ -13,8 +13,8 @@ from attrs import frozen
 from zope.interface import Interface, implementer
 
 from .. import __version__
+from ..bridge import Upstream, upstream_for
 from ..errors import ApiError
-from ..proxy import Upstream, upstream_for
 from ..sessions import iso
 
 MAX_SESSIONS_SHOWN = 500

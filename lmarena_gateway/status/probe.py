@@ -16,9 +16,8 @@ from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
+from ..bridge import BRIDGE_CODES, Upstream, cancelled, read_capped, tls_failed, upstream_for
 from ..errors import ApiError
-from ..proxy import Upstream, _cancelled, _tls_failed, upstream_for
-from ..relay import _BRIDGE_CODES, read_capped
 
 log = Logger()
 TICK = 5.0
@@ -108,11 +107,11 @@ class BridgeProber:
                 lambda body: self._judge(response.code, body))
 
         def failed(failure):
-            if timer.active() and _cancelled(failure):
+            if timer.active() and cancelled(failure):
                 return None  # stopped with the daemon: no outcome to show
             if not timer.active() or failure.check(TimeoutError):
                 return ("BRIDGE_TIMEOUT", None, f"no answer in {self.timeout:g} s")
-            if _tls_failed(failure):
+            if tls_failed(failure):
                 return ("BRIDGE_TLS_ERROR", None, "TLS handshake failed")
             if failure.check(ConnectError, DNSLookupError, ConnectionError):
                 return ("BRIDGE_ERROR", None, "unreachable")
@@ -138,7 +137,7 @@ class BridgeProber:
     @staticmethod
     def _judge(status: int, body: bytes) -> tuple[str | None, int, str | None]:
         if status != 200:
-            return (_BRIDGE_CODES.get(status, "BRIDGE_ERROR"), status, f"HTTP {status}")
+            return (BRIDGE_CODES.get(status, "BRIDGE_ERROR"), status, f"HTTP {status}")
         try:
             models = json.loads(body)["data"]
         except (ValueError, KeyError, TypeError):
