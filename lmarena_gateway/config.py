@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from attrs import field, frozen
 
 from .store import REDIS, SQLITE, backend_of
+from .validation import http_url, is_host_name, is_printable
 
 DEFAULT_DOMAINS = (
     "lmarena.ai",
@@ -23,8 +24,6 @@ DEFAULT_DOMAINS = (
     "arena.ai",
 )
 DEFAULT_STORAGE = os.path.join("storage", "sessions.sqlite3")
-_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"(?=.{{1,253}}\Z)({_LABEL}\.)*{_LABEL}")
 
 
 class ConfigError(ValueError):
@@ -98,18 +97,10 @@ def _split(value: str) -> tuple[str, ...]:
 
 
 def parse_http_url(value: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]+", value) or "'" in value:
-        raise ValueError(f"{value!r} is not an absolute http(s) URL of plain characters")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{value!r} is not an absolute http(s) URL")
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValueError(f"{value!r} must not carry user info, a query or a fragment")
     try:
-        _ = parts.port  # raises for a port out of range
-    except ValueError:
-        raise ValueError(f"{value!r} has an invalid port") from None
-    return value.rstrip("/")
+        return http_url(value)
+    except ValueError as e:
+        raise ValueError(f"{value!r} is not a plain http(s) URL: it {e}") from None
 
 
 def _parse_listen(value: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -172,7 +163,7 @@ def _parse_domains(value: str) -> tuple[str, ...]:
     if not domains:
         raise ValueError("at least one domain is needed")
     for domain in domains:
-        if not _DOMAIN.fullmatch(domain):
+        if not is_host_name(domain):
             raise ValueError(f"{domain!r} is not a host name")
     return domains
 
@@ -190,7 +181,7 @@ def _parse_origins(value: str) -> tuple[str, ...]:
 def _parse_key(value: str) -> str | None:
     if not value:
         return None
-    if not re.fullmatch(r"[\x21-\x7e]{1,512}", value):
+    if not is_printable(value, 1, 512):
         raise ValueError("must be one token of printable ASCII, without spaces")
     return value
 
@@ -261,7 +252,7 @@ def prepare_daemon(config: "GatewayConfig") -> None:
 
 
 def _parse_redis_prefix(value: str) -> str:
-    if not re.fullmatch(r"[\x21-\x7e]{1,64}", value):
+    if not is_printable(value, 1, 64):
         raise ValueError("must be 1-64 printable ASCII characters without spaces")
     return value
 
@@ -286,7 +277,7 @@ def _read_admin_token_file(value: str) -> str:
 def _parse_admin_token(value: str) -> str | None:
     if not value:
         return None  # an empty variable is an unset one
-    if not re.fullmatch(r"[\x21-\x7e]{16,512}", value):
+    if not is_printable(value, 16, 512):
         raise ValueError("the admin token must be 16-512 printable ASCII characters, no spaces")
     return value
 
@@ -311,7 +302,7 @@ def _parse_allow(value: str) -> tuple[str, ...]:
                 ipaddress.ip_network(entry, strict=False)
             except ValueError:
                 raise ValueError(f"{entry!r} is not a network") from None
-        elif not _DOMAIN.fullmatch(entry.removeprefix("*.")) and not _is_ip(entry):
+        elif not is_host_name(entry.removeprefix("*.")) and not _is_ip(entry):
             raise ValueError(f"{entry!r} is not a host, *.suffix, CIDR or 'loopback'")
     return entries
 
@@ -357,7 +348,7 @@ def _parse_pairs(value: str) -> tuple[tuple[str, str], ...]:
     pairs = []
     for entry in _split(value):
         asked, _, tab = entry.lower().partition("=")
-        if not (_DOMAIN.match(asked) and _DOMAIN.match(tab)) or asked == tab:
+        if not (is_host_name(asked) and is_host_name(tab)) or asked == tab:
             raise ValueError(f"{entry!r} is not REQUESTED=TAB, two different host names "
                              "(e.g. lmarena.ai=arena.ai)")
         pairs.append((asked, tab))

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from .errors import ApiError
 from .sessions import SESSION_NAME
+from .validation import is_printable
 
 log = Logger()
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -220,7 +221,7 @@ class ClientKeys:
                 continue
             key, names = words[0], words[1:]
             bad = [n for n in names if not SESSION_NAME.fullmatch(n)]
-            if bad or not re.fullmatch(r"[\x21-\x7e]{8,512}", key):
+            if bad or not is_printable(key, 8, 512):
                 what = f"session name {bad[0]!r}" if bad else "a key (8-512 printable characters)"
                 raise ValueError(f"entry {number}: not {what}")
             keys[hashlib.sha256(key.encode()).digest()] = frozenset(names) if names else None

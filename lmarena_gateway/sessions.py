@@ -10,15 +10,14 @@ import json
 import re
 from datetime import datetime, timezone
 from typing import Mapping
-from urllib.parse import urlsplit
 
 from attrs import evolve, field, frozen
 
 from .errors import ApiError
+from .validation import http_url, is_printable
 
 SESSION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-BRIDGE_KEY = re.compile(r"[\x21-\x7e]{1,512}")
 MAX_MODELS = 200
 REQUIRED = ("domain", "session_name", "session_id", "message_id")
 
@@ -191,22 +190,10 @@ def check_session_name(name) -> str:
 def check_bridge_url(url) -> str:
     if not isinstance(url, str):
         raise _bad("INVALID_URL", "bridge_base_url must be a string")
-    parts = urlsplit(url)
-    problem = None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        problem = "must be an absolute http or https URL"
-    elif "@" in parts.netloc or parts.query or parts.fragment or "?" in url or "#" in url:
-        problem = "must not carry user info, a query or a fragment"
-    elif any(ord(c) < 0x21 or ord(c) > 0x7E for c in url):
-        problem = "must be printable ASCII without spaces"
-    else:
-        try:
-            _ = parts.port  # raises for a port out of range
-        except ValueError:
-            problem = "has an invalid port"
-    if problem:
-        raise _bad("INVALID_URL", f"bridge_base_url {problem}")
-    return url.rstrip("/")
+    try:
+        return http_url(url)
+    except ValueError as e:
+        raise _bad("INVALID_URL", f"bridge_base_url {e}") from None
 
 
 def trimmed(body):
@@ -254,7 +241,7 @@ def validate_registration(body, domains, *, ids_optional: bool = False) -> Regis
     key = body.get("bridge_api_key")
     if key in (None, ""):
         key = None
-    elif not isinstance(key, str) or not BRIDGE_KEY.fullmatch(key):
+    elif not is_printable(key, 1, 512):
         raise _bad("INVALID_BRIDGE_API_KEY",
                    "bridge_api_key must be one token of printable ASCII, at most 512 characters")
     models = body.get("models")

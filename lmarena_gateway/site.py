@@ -20,17 +20,15 @@ from zope.interface import implementer
 from .connections import ConnectionLimits, connections_for_open_files
 from .errors import ApiError
 from .security import is_admin_path
+from .validation import HTTP_TOKEN, is_printable
 
 if TYPE_CHECKING:
     from .gateway import Gateway
 
 log = Logger()
 MAX_SESSION_BODY = 64 * 1024
-REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 ALLOW_METHODS = b"GET, POST, DELETE, OPTIONS"
 ALLOW_HEADERS = b"Content-Type, Authorization, X-Session-Name, X-Target-Domain, X-Request-ID"
-# An HTTP token (RFC 9110), the only thing a header name may be.
-_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _SLASHES = re.compile(rb"//+")
 
 
@@ -44,7 +42,7 @@ def allowed_request_headers(asked: bytes | None) -> bytes:
     if not asked:
         return ALLOW_HEADERS
     names = [name.strip() for name in asked.split(b",") if name.strip()]
-    if not names or len(names) > 64 or not all(_TOKEN.match(name) for name in names):
+    if not names or len(names) > 64 or not all(HTTP_TOKEN.fullmatch(name) for name in names):
         return ALLOW_HEADERS
     return b", ".join(names)
 
@@ -57,7 +55,7 @@ def request_id(request) -> str:
     given = request.getHeader(b"x-request-id")
     if given:
         text = given.decode("latin-1")
-        if REQUEST_ID.fullmatch(text):
+        if is_printable(text, 1, 128):
             return text
     return uuid.uuid4().hex
 

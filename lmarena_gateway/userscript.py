@@ -10,25 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from importlib import resources
 from urllib.parse import quote, urlsplit
 
 from .errors import ApiError
 from .sessions import SESSION_NAME, check_session_name
+from .validation import HOST_PORT, http_url, is_host_name
 
 # Bump when the script's code changes shape; @version is "<this>.<hash of the text>".
 TEMPLATE_REVISION = 2
 NAMESPACE = "lmarena-gateway"
 VERSION_MARK = "@@VERSION@@"
 
-_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-_HOST = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]{{2,45}}\])"
-HOST_PORT = re.compile(rf"({_HOST})(?::([0-9]{{1,5}}))?")
-# RFC 3986 path characters only: no space, quote, angle bracket, "?", "#" or control.
-_PATH = r"(?:/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?"
-GATEWAY_URL = re.compile(rf"https?://{_HOST}(?::[0-9]{{1,5}})?{_PATH}")
-DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 
 
 def js_literal(value) -> str:
@@ -39,12 +32,10 @@ def js_literal(value) -> str:
 
 def check_gateway_url(url: str) -> str:
     """The URL the script posts to; raises ValueError unless it is a plain http(s) URL."""
-    if not isinstance(url, str) or not GATEWAY_URL.fullmatch(url):
-        raise ValueError(f"{url!r} is not a plain http(s) URL of printable characters")
-    port = urlsplit(url).port  # raises ValueError above 65535
-    if port == 0:
-        raise ValueError(f"{url!r} has port 0")
-    return url.rstrip("/")
+    try:
+        return http_url(url)
+    except ValueError as e:
+        raise ValueError(f"{url!r} is not a plain http(s) URL: it {e}") from None
 
 
 def check_host(value: str, source: str) -> str:
@@ -138,7 +129,7 @@ def render_script(*, session_name: str, gateway_url: str, domains: tuple[str, ..
     gateway_url = check_gateway_url(gateway_url)
     domains = tuple(d.lower() if isinstance(d, str) else d for d in domains)
     for domain in domains:
-        if not isinstance(domain, str) or not DOMAIN.fullmatch(domain):
+        if not is_host_name(domain):
             raise ValueError(f"{domain!r} is not a host name")
     if registration_token is not None and not isinstance(registration_token, str):
         raise ValueError("registration_token must be a string")
