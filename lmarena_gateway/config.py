@@ -7,14 +7,36 @@ Nothing else in the gateway reads the process environment: the daemon and the CL
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from attrs import field, frozen
 
+from .setting_values import (
+    parse_admin_token,
+    parse_allow,
+    parse_bool,
+    parse_count,
+    parse_domains,
+    parse_http_url,
+    parse_key,
+    parse_listen,
+    parse_nonneg,
+    parse_nonneg_count,
+    parse_origins,
+    parse_pairs,
+    parse_positive,
+    parse_probe_interval,
+    parse_public_url,
+    parse_queue,
+    parse_readable_file,
+    parse_redis_prefix,
+    parse_secret_file,
+    parse_size,
+    parse_storage,
+    read_admin_token_file,
+)
 from .store import REDIS, SQLITE, backend_of
-from .validation import http_url, is_host_name, is_printable
 
 DEFAULT_DOMAINS = (
     "lmarena.ai",
@@ -92,113 +114,6 @@ class GatewayConfig:
 # --- value parsers: each returns the parsed value or raises ValueError("problem") ---
 
 
-def _split(value: str) -> tuple[str, ...]:
-    return tuple(part for part in re.split(r"[,\s]+", value) if part)
-
-
-def parse_http_url(value: str) -> str:
-    try:
-        return http_url(value)
-    except ValueError as e:
-        raise ValueError(f"{value!r} is not a plain http(s) URL: it {e}") from None
-
-
-def _parse_listen(value: str | tuple[str, ...]) -> tuple[str, ...]:
-    from twisted.internet.endpoints import serverFromString
-
-    endpoints = _split(value) if isinstance(value, str) else tuple(value)
-    if not endpoints:
-        raise ValueError("at least one endpoint is needed")
-    for description in endpoints:
-        try:
-            # Parsing builds endpoint objects without listening; no reactor is used.
-            serverFromString(None, description)
-        except Exception as e:  # the parsers raise many kinds of error
-            if isinstance(e, LookupError) and description.startswith("systemd:"):
-                # Twisted looks name/index up among the sockets inherited from systemd.
-                raise ValueError(f"{description!r}: systemd handed over no such socket "
-                                 "(is its .socket unit running?)") from None
-            raise ValueError(f"{description!r} is not a valid endpoint: {e}") from None
-    return endpoints
-
-
-def _parse_nonneg(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not a number") from None
-    if number != number or number < 0 or number == float("inf"):
-        raise ValueError(f"{value!r} must be a finite number >= 0")
-    return number
-
-
-def _parse_positive(value: str) -> float:
-    number = _parse_nonneg(value)
-    if number == 0:
-        raise ValueError(f"{value!r} must be greater than 0")
-    return number
-
-
-def _parse_probe_interval(value: str) -> float:
-    number = _parse_nonneg(value)
-    if 0 < number < 60:
-        raise ValueError(f"{value!r} must be 0 (off) or at least 60: bridges are probed "
-                         "at most once a minute")
-    return number
-
-
-def _parse_size(value: str) -> int:
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]i?[bB]?)?\s*", value)
-    if not match:
-        raise ValueError(f"{value!r} is not a size (e.g. 65536, 512KiB, 20MiB)")
-    scale = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[(match.group(2) or "")[:1].lower()]
-    size = int(match.group(1)) * scale
-    if size <= 0:
-        raise ValueError(f"{value!r} must be greater than 0")
-    return size
-
-
-def _parse_domains(value: str) -> tuple[str, ...]:
-    domains = tuple(d.lower() for d in _split(value))
-    if not domains:
-        raise ValueError("at least one domain is needed")
-    for domain in domains:
-        if not is_host_name(domain):
-            raise ValueError(f"{domain!r} is not a host name")
-    return domains
-
-
-def _parse_origins(value: str) -> tuple[str, ...]:
-    origins = _split(value)
-    if not origins:
-        raise ValueError("at least one origin (or *) is needed")
-    for origin in origins:
-        if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[A-Za-z0-9.\-\[\]:]+", origin):
-            raise ValueError(f"{origin!r} is not an origin such as https://app.example.com")
-    return origins
-
-
-def _parse_key(value: str) -> str | None:
-    if not value:
-        return None
-    if not is_printable(value, 1, 512):
-        raise ValueError("must be one token of printable ASCII, without spaces")
-    return value
-
-
-def _parse_storage(value: str) -> str:
-    if not value:
-        raise ValueError("an empty path")
-    if backend_of(value) == REDIS:
-        from .store.redis_commands import parse_address
-
-        parse_address(value)  # a bad Redis URL is a one-line error, not a traceback
-        return value
-    if os.path.isdir(value):
-        raise ValueError(f"{value!r} is a directory, not a file")
-    return value
-
-
 def _writable_directory_for(path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     try:
@@ -251,119 +166,6 @@ def prepare_daemon(config: "GatewayConfig") -> None:
                               f"{what_to_do}")
 
 
-def _parse_redis_prefix(value: str) -> str:
-    if not is_printable(value, 1, 64):
-        raise ValueError("must be 1-64 printable ASCII characters without spaces")
-    return value
-
-
-def _parse_public_url(value: str) -> str | None:
-    return parse_http_url(value) if value else None
-
-
-def _read_admin_token_file(value: str) -> str:
-    try:
-        with open(value, encoding="utf-8") as f:
-            token = f.read().strip()
-    except OSError as e:
-        raise ValueError(f"cannot read {value!r}: {e.strerror}") from None
-    if not token:
-        raise ValueError(f"{value!r} is empty")
-    parsed = _parse_admin_token(token)
-    assert parsed is not None  # an empty token was refused above
-    return parsed
-
-
-def _parse_admin_token(value: str) -> str | None:
-    if not value:
-        return None  # an empty variable is an unset one
-    if not is_printable(value, 16, 512):
-        raise ValueError("the admin token must be 16-512 printable ASCII characters, no spaces")
-    return value
-
-
-def _parse_readable_file(value: str) -> str:
-    if not os.path.isfile(value) or not os.access(value, os.R_OK):
-        raise ValueError(f"{value!r} is not a readable file")
-    return value
-
-
-def _parse_allow(value: str) -> tuple[str, ...]:
-    entries = tuple(e.lower() for e in _split(value))
-    for entry in entries:
-        if entry in ("loopback", "*"):
-            if entry == "*":
-                raise ValueError("'*' would allow any host; list hosts, *.suffix, CIDRs or 'loopback'")
-            continue
-        if "/" in entry:
-            import ipaddress
-
-            try:
-                ipaddress.ip_network(entry, strict=False)
-            except ValueError:
-                raise ValueError(f"{entry!r} is not a network") from None
-        elif not is_host_name(entry.removeprefix("*.")) and not _is_ip(entry):
-            raise ValueError(f"{entry!r} is not a host, *.suffix, CIDR or 'loopback'")
-    return entries
-
-
-def _is_ip(value: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(value.strip("[]"))
-    except ValueError:
-        return False
-    return True
-
-
-def _parse_count(value: str) -> int:
-    if not value.strip().isdigit() or int(value) < 1:
-        raise ValueError(f"{value!r} is not a whole number >= 1")
-    return int(value)
-
-
-def _parse_nonneg_count(value: str) -> int:
-    if not value.strip().isdigit():
-        raise ValueError(f"{value!r} is not a whole number >= 0")
-    return int(value)
-
-
-def _parse_secret_file(value: str) -> str | None:
-    if not value:
-        return None
-    directory = os.path.dirname(os.path.abspath(value))
-    if not os.path.isdir(directory):
-        raise ValueError(f"directory {directory!r} does not exist")
-    return value
-
-
-def _parse_queue(value: str) -> int:
-    if not value.strip().isdigit():
-        raise ValueError(f"{value!r} is not a whole number >= 0")
-    return int(value)
-
-
-def _parse_pairs(value: str) -> tuple[tuple[str, str], ...]:
-    pairs = []
-    for entry in _split(value):
-        asked, _, tab = entry.lower().partition("=")
-        if not (is_host_name(asked) and is_host_name(tab)) or asked == tab:
-            raise ValueError(f"{entry!r} is not REQUESTED=TAB, two different host names "
-                             "(e.g. lmarena.ai=arena.ai)")
-        pairs.append((asked, tab))
-    return tuple(pairs)
-
-
-def parse_bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("", "0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{value!r} is not true or false")
-
-
 @frozen
 class Setting:
     """One configurable value: its option, its environment variable, how to parse it."""
@@ -381,61 +183,61 @@ class Setting:
 
 
 SETTINGS = (
-    Setting("listen", "listen", "GATEWAY_LISTEN", _parse_listen,
+    Setting("listen", "listen", "GATEWAY_LISTEN", parse_listen,
             "Twisted endpoint to listen on; repeatable [default: tcp:8080:interface=127.0.0.1]"),
     Setting("bridge_url", "bridge-url", "LMARENA_BRIDGE_BASE_URL", parse_http_url,
             "Default LMArenaBridge URL"),
-    Setting("bridge_api_key", "bridge-api-key", "LMARENA_BRIDGE_API_KEY", _parse_key,
+    Setting("bridge_api_key", "bridge-api-key", "LMARENA_BRIDGE_API_KEY", parse_key,
             "API key for the default bridge"),
-    Setting("storage", "storage", "STORAGE_PATH", _parse_storage, "Session store file"),
-    Setting("redis_prefix", "redis-prefix", "GATEWAY_REDIS_PREFIX", _parse_redis_prefix,
+    Setting("storage", "storage", "STORAGE_PATH", parse_storage, "Session store file"),
+    Setting("redis_prefix", "redis-prefix", "GATEWAY_REDIS_PREFIX", parse_redis_prefix,
             "Prefix of the Redis keys when --storage is a redis:// URL"),
-    Setting("cleanup_days", "cleanup-days", "GATEWAY_SESSION_CLEANUP_DAYS", _parse_nonneg,
+    Setting("cleanup_days", "cleanup-days", "GATEWAY_SESSION_CLEANUP_DAYS", parse_nonneg,
             "Prune sessions idle this many days (0: never)"),
-    Setting("cleanup_interval", "cleanup-interval", "GATEWAY_CLEANUP_INTERVAL", _parse_positive,
+    Setting("cleanup_interval", "cleanup-interval", "GATEWAY_CLEANUP_INTERVAL", parse_positive,
             "Seconds between pruning passes"),
     Setting("probe_interval", "bridge-probe-interval", "GATEWAY_BRIDGE_PROBE_INTERVAL",
-            _parse_probe_interval,
+            parse_probe_interval,
             "Seconds between the status page's probes of each bridge, at least 60 (0: off)"),
-    Setting("domains", "domains", "GATEWAY_ALLOWED_DOMAINS", _parse_domains,
+    Setting("domains", "domains", "GATEWAY_ALLOWED_DOMAINS", parse_domains,
             "Comma-separated LMArena domains sessions may belong to"),
-    Setting("cors_origins", "cors-origins", "GATEWAY_CORS_ORIGINS", _parse_origins,
+    Setting("cors_origins", "cors-origins", "GATEWAY_CORS_ORIGINS", parse_origins,
             "Comma-separated origins allowed by CORS, or *"),
-    Setting("max_body", "max-body", "GATEWAY_MAX_BODY", _parse_size,
+    Setting("max_body", "max-body", "GATEWAY_MAX_BODY", parse_size,
             "Largest /v1 request body in bytes (KiB/MiB suffixes allowed)"),
-    Setting("connect_timeout", "connect-timeout", "GATEWAY_CONNECT_TIMEOUT", _parse_positive,
+    Setting("connect_timeout", "connect-timeout", "GATEWAY_CONNECT_TIMEOUT", parse_positive,
             "Seconds to wait for a TCP connection to a bridge"),
     Setting("stream_idle_timeout", "stream-idle-timeout", "GATEWAY_STREAM_IDLE_TIMEOUT",
-            _parse_positive, "Seconds a bridge may stay silent before the gateway gives up"),
-    Setting("keepalive", "keepalive", "GATEWAY_KEEPALIVE", _parse_nonneg,
+            parse_positive, "Seconds a bridge may stay silent before the gateway gives up"),
+    Setting("keepalive", "keepalive", "GATEWAY_KEEPALIVE", parse_nonneg,
             "Seconds between SSE keep-alive comments while the bridge is silent (0: off)"),
-    Setting("public_url", "public-url", "GATEWAY_PUBLIC_URL", _parse_public_url,
+    Setting("public_url", "public-url", "GATEWAY_PUBLIC_URL", parse_public_url,
             "URL browsers reach this gateway at (for the userscript)"),
-    Setting("admin_token", "admin-token-file", "GATEWAY_ADMIN_TOKEN_FILE", _read_admin_token_file,
+    Setting("admin_token", "admin-token-file", "GATEWAY_ADMIN_TOKEN_FILE", read_admin_token_file,
             "File holding the admin token, re-read on SIGHUP (or set GATEWAY_ADMIN_TOKEN)"),
-    Setting("admin_token", None, "GATEWAY_ADMIN_TOKEN", _parse_admin_token, "The admin token"),
-    Setting("api_keys_file", "api-keys-file", "GATEWAY_API_KEYS_FILE", _parse_readable_file,
+    Setting("admin_token", None, "GATEWAY_ADMIN_TOKEN", parse_admin_token, "The admin token"),
+    Setting("api_keys_file", "api-keys-file", "GATEWAY_API_KEYS_FILE", parse_readable_file,
             "Client API keys for /v1, one a line, optionally followed by session names; "
             "re-read on SIGHUP (or set GATEWAY_API_KEYS)"),
     Setting("api_keys", None, "GATEWAY_API_KEYS", str, "Client API keys, inline"),
-    Setting("bridge_allow", "bridge-allow", "GATEWAY_BRIDGE_ALLOW", _parse_allow,
+    Setting("bridge_allow", "bridge-allow", "GATEWAY_BRIDGE_ALLOW", parse_allow,
             "Hosts a session's bridge_base_url may name: hosts, *.suffix, CIDRs, 'loopback' "
             "[default: the default bridge's host and loopback]"),
     Setting("max_sessions_per_domain", "max-sessions-per-domain",
-            "GATEWAY_MAX_SESSIONS_PER_DOMAIN", _parse_count, "Most sessions one domain may hold"),
-    Setting("header_timeout", "header-timeout", "GATEWAY_HEADER_TIMEOUT", _parse_positive,
+            "GATEWAY_MAX_SESSIONS_PER_DOMAIN", parse_count, "Most sessions one domain may hold"),
+    Setting("header_timeout", "header-timeout", "GATEWAY_HEADER_TIMEOUT", parse_positive,
             "Seconds a request's headers may take after its first byte (then 408)"),
-    Setting("max_connections", "max-connections", "GATEWAY_MAX_CONNECTIONS", _parse_nonneg_count,
+    Setting("max_connections", "max-connections", "GATEWAY_MAX_CONNECTIONS", parse_nonneg_count,
             "Most client connections open at once; past it the oldest idle or slow one is "
             "closed, or with none, the new one gets 503 (0: half the open-files limit)"),
-    Setting("secret_file", "secret-file", "GATEWAY_SECRET_FILE", _parse_secret_file,
+    Setting("secret_file", "secret-file", "GATEWAY_SECRET_FILE", parse_secret_file,
             "Registration token secret, created on first start "
             "[default: registration.secret beside the store]"),
-    Setting("tab_queue", "tab-queue", "GATEWAY_TAB_QUEUE", _parse_queue,
+    Setting("tab_queue", "tab-queue", "GATEWAY_TAB_QUEUE", parse_queue,
             "Requests that may wait while every tab of a session is busy; more get 429"),
-    Setting("tab_poll_timeout", "tab-poll-timeout", "GATEWAY_TAB_POLL_TIMEOUT", _parse_positive,
+    Setting("tab_poll_timeout", "tab-poll-timeout", "GATEWAY_TAB_POLL_TIMEOUT", parse_positive,
             "Seconds a tab's long poll waits for a job; 3x this without a poll and the tab is gone"),
-    Setting("tab_pairs", "tab-pairs", "GATEWAY_TAB_PAIRS", _parse_pairs,
+    Setting("tab_pairs", "tab-pairs", "GATEWAY_TAB_PAIRS", parse_pairs,
             "REQUESTED=TAB domain pairs: requests for REQUESTED may be served by the same "
             "session's tab on TAB ('' for none) [default: lmarena.ai=arena.ai]"),
     Setting("debug", "debug", "DEBUG_MODE", parse_bool, "Log upstream detail", flag=True),
@@ -482,7 +284,7 @@ def build_config(options: Mapping[str, object], environ: Mapping[str, str],
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
         sources[setting.name] = source
-        if setting.parse is _read_admin_token_file:
+        if setting.parse is read_admin_token_file:
             values["admin_token_file"] = raw
     config = GatewayConfig(**values, sources=sources)
     return config

@@ -364,13 +364,12 @@ class SighupReloader(Service):
         from twisted.internet.threads import deferToThread
 
         assert self.admin_token_file is not None  # only called when one is set
-
-        from .config import _read_admin_token_file
+        from .setting_values import read_admin_token_file
 
         def loaded(token: str) -> None:
             self.admin.set_token(token)
             log.info("admin token re-read from {path}", path=self.admin_token_file)
 
-        return deferToThread(_read_admin_token_file, self.admin_token_file).addCallbacks(
+        return deferToThread(read_admin_token_file, self.admin_token_file).addCallbacks(
             loaded, lambda f: log.error("admin token not re-read, keeping the old one: {why}",
                                         why=f.getErrorMessage()))

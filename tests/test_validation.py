@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lmarena_gateway.config import parse_http_url
 from lmarena_gateway.errors import ApiError
 from lmarena_gateway.sessions import check_bridge_url
+from lmarena_gateway.setting_values import parse_http_url
 from lmarena_gateway.userscript import check_gateway_url
 from lmarena_gateway.validation import HTTP_TOKEN, http_url, is_host_name, is_printable
 
