@@ -13,15 +13,11 @@ import subprocess
 import pytest
 import pytest_twisted
 
-from support.client import SESSION, call  # noqa: F401 (re-exported while tests move to support)
-from support.processes import (  # noqa: F401 (re-exported while tests move to support)
-    REQUIRE_ALL,
+from support.processes import (
     Daemon,
     bin_path,
     free_port,
     http,
-    python_bin,
-    require_binary,
     wait_for,
 )
 

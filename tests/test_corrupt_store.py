@@ -7,7 +7,7 @@ import pytest
 
 from lmarena_gateway.store import sqlitedbm
 
-from conftest import Daemon
+from support.processes import Daemon
 
 SESSIONS = 400
 pytestmark = pytest.mark.process  # it starts twistd itself

@@ -14,7 +14,7 @@ from twisted.internet.threads import deferToThread
 from twisted.web.client import ResponseDone
 
 from bridges import ChunkCollector, HeldBridge
-from conftest import SESSION, call
+from support.client import SESSION, call
 
 MESSAGES = [{"role": "user", "content": "Hello!"}]
 HEADERS = {"X-Session-Name": "team-alpha", "X-Target-Domain": "lmarena.ai"}

@@ -12,7 +12,7 @@ import pytest
 
 from test_daemon import daemon_env, run_twistd
 
-from conftest import bin_path, http, require_binary, wait_for
+from support.processes import bin_path, http, require_binary, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PHP_FILE = Path(__file__).parent / "data" / "php-sessions.json"

@@ -10,7 +10,7 @@ import sqlite3
 import pytest_twisted
 from twisted.internet.task import deferLater
 
-from conftest import SESSION, call
+from support.client import SESSION, call
 
 OTHER = dict(SESSION, session_name="team-beta")
 CHAT_HEADERS = {"X-Session-Name": SESSION["session_name"]}

@@ -13,7 +13,7 @@ from twisted.logger import globalLogPublisher
 from lmarena_gateway.gateway import Gateway
 
 from bridges import ErrorBridge
-from conftest import SESSION, call
+from support.client import SESSION, call
 
 DEEP_ARRAY = b"[" * 1500 + b"]" * 1500  # 3 KiB
 DEEP_OBJECT = b'{"a":' * 1500 + b"1" + b"}" * 1500

@@ -18,7 +18,8 @@ import pytest
 
 from lmarena_gateway.fakebridge import TEXT
 
-from conftest import REQUIRE_ALL, SESSION, free_port, http, require_binary
+from support.client import SESSION
+from support.processes import REQUIRE_ALL, free_port, http, require_binary
 
 JS = Path(__file__).parent / "js"
 pytestmark = pytest.mark.process

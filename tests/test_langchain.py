@@ -7,7 +7,7 @@ from twisted.internet.threads import deferToThread
 
 from lmarena_gateway.fakebridge import TEXT
 
-from conftest import SESSION, call
+from support.client import SESSION, call
 
 
 def chat_model(url: str, **options):

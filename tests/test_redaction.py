@@ -7,7 +7,7 @@ import pytest_twisted
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 
-from conftest import SESSION, call
+from support.client import SESSION, call
 
 SESSION_KEY = "sk-session-bridge-key-SECRET-1"
 DEFAULT_KEY = "sk-default-bridge-key-SECRET-2"

@@ -2,7 +2,7 @@
 
 import signal
 
-from conftest import http, wait_for
+from support.processes import http, wait_for
 
 OLD = "admin-token-old-0123456789"
 NEW = "admin-token-new-0123456789"

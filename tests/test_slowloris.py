@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 
-from conftest import Daemon, bin_path, http
+from support.processes import Daemon, bin_path, http
 
 SLOW = 1020
 CHATS = 20

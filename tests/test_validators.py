@@ -11,7 +11,7 @@ from lmarena_gateway.sessions import check_domain, check_session_name, validate_
 from lmarena_gateway.site import request_id
 from lmarena_gateway.userscript import check_gateway_url, check_host, render_script
 
-from conftest import SESSION
+from support.client import SESSION
 
 DOMAINS = ("lmarena.ai",)
 
