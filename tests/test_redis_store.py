@@ -245,7 +245,7 @@ async def test_redis_down_known_sessions_stay_writes_fail_503_then_it_recovers(
     store = await stores(heartbeat=0.1, timeout=60)
     await store.register(registration("known"), 1000.0)
     redis_server.kill()
-    await until(lambda: store.health()["status"] == "degraded", 5, "the store to notice")
+    await until(lambda: store.health()["status"] == "degraded", 30, "the store to notice")
     assert store.get("lmarena.ai", "known") is not None  # chat keeps working from memory
     for attempt in (lambda: store.register(registration("new"), 2000.0),
                     lambda: store.delete("lmarena.ai", "known")):
@@ -258,7 +258,7 @@ async def test_redis_down_known_sessions_stay_writes_fail_503_then_it_recovers(
     assert health["status"] == "degraded" and health["connected"] is False and health["error"]
 
     redis_server.start()
-    await until(lambda: store.health()["status"] == "ok", 10, "the store to reconnect")
+    await until(lambda: store.health()["status"] == "ok", 30, "the store to reconnect")
     assert stored(redis_server, "known")["last_used_at"] is None
     await store.flush()
     assert stored(redis_server, "known")["last_used_at"] == "1970-01-01T00:50:00Z"
@@ -276,11 +276,11 @@ async def test_a_hung_redis_is_a_503_within_the_timeout_not_a_hang(stores, redis
         with pytest.raises(ApiError) as refused:  # the 0.5 s timeout, not a hang
             await store.register(registration("new"), 2000.0).addTimeout(10, reactor)
         assert refused.value.code == "STORAGE_UNAVAILABLE"
-        await until(lambda: store.health()["status"] == "degraded", 5, "the heartbeat to notice")
+        await until(lambda: store.health()["status"] == "degraded", 30, "the heartbeat to notice")
         assert store.get("lmarena.ai", "known") is not None
     finally:
         redis_server.process.send_signal(signal.SIGCONT)
-    await until(lambda: store.health()["status"] == "ok", 10, "the store to recover")
+    await until(lambda: store.health()["status"] == "ok", 30, "the store to recover")
     await store.register(registration("after"), 3000.0)
     assert stored(redis_server, "after") is not None
 

@@ -9,6 +9,7 @@ answered; while it cannot answer they fail with 503 and known sessions keep work
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import txredisapi
 from twisted.application.service import Service
@@ -70,7 +71,7 @@ class RedisSessionStore(CachedSessions, Service):
         self._flush.clock = reactor
         self._flush_interval = flush_interval
         self.sessions: RedisSessions | None = None
-        self._listener = None
+        self._listener: Any = None  # the subscriber protocol's factory, once started
 
     @classmethod
     def from_url(cls, url: str, reactor, *, config=None, **options) -> RedisSessionStore:
@@ -79,6 +80,11 @@ class RedisSessionStore(CachedSessions, Service):
         return cls(parse_address(url), reactor, **options)
 
     # --- lifecycle ---
+
+    def _live(self) -> RedisSessions:
+        if self.sessions is None:
+            raise RuntimeError("the Redis store is used before startService")
+        return self.sessions
 
     def startService(self) -> None:
         super().startService()
@@ -104,7 +110,7 @@ class RedisSessionStore(CachedSessions, Service):
         yield self.flush()
         self._listener.store = _Ignore()
         yield self._listener.disconnect()
-        yield self.sessions.factory.disconnect()
+        yield self._live().factory.disconnect()
 
     # --- health ---
 
@@ -127,7 +133,7 @@ class RedisSessionStore(CachedSessions, Service):
             rev, record = reply
             return self._apply(rev, record.key, record, reply=True)
 
-        return self.sessions.upsert(registration, now).addCallback(stored)
+        return self._live().upsert(registration, now).addCallback(stored)
 
     def delete(self, domain: str, name: str) -> Deferred:
         key = session_key(domain, name)
@@ -138,7 +144,7 @@ class RedisSessionStore(CachedSessions, Service):
                 self._apply(rev, key, None, reply=True)
             return bool(rev)
 
-        return self.sessions.delete(domain, name).addCallback(deleted)
+        return self._live().delete(domain, name).addCallback(deleted)
 
     @inlineCallbacks
     def flush(self):
@@ -149,7 +155,7 @@ class RedisSessionStore(CachedSessions, Service):
         items = list(uses.items())
         for start in range(0, len(items), BATCH // 3):
             try:
-                yield self.sessions.touch(dict(items[start:start + BATCH // 3]))
+                yield self._live().touch(dict(items[start:start + BATCH // 3]))
             except Exception as e:
                 for key, when in items[start:]:
                     self._used[key] = max(when, self._used.get(key, 0.0))
@@ -158,9 +164,9 @@ class RedisSessionStore(CachedSessions, Service):
 
     @inlineCallbacks
     def prune(self, cutoff: float):
-        yield self.sessions.wait_connected()  # the first pass runs while still connecting
+        yield self._live().wait_connected()  # the first pass runs while still connecting
         yield self.flush()  # our own recent uses must count before anything is judged idle
-        removed = yield self.sessions.prune(cutoff)
+        removed = yield self._live().prune(cutoff)
         pruned: Counter = Counter()
         for rev, record in removed:
             self._apply(rev, record.key, None, reply=True)
@@ -198,7 +204,7 @@ class RedisSessionStore(CachedSessions, Service):
             self._subscriber = protocol
             return self._reload()
 
-        protocol.subscribe(self.sessions.channel).addCallback(subscribed).addErrback(
+        protocol.subscribe(self._live().channel).addCallback(subscribed).addErrback(
             lambda f: log.warn("session store: cannot subscribe: {why}", why=f.getErrorMessage()))
 
     def subscriber_lost(self, protocol) -> None:
@@ -217,10 +223,10 @@ class RedisSessionStore(CachedSessions, Service):
         generation, self._syncing = self._generation, []
         try:
             # The subscription may be back before the command connection is.
-            yield self.sessions.wait_connected()
+            yield self._live().wait_connected()
             # Every change up to this rev is in what load() reads; later ones are heard.
-            rev = int((yield self.sessions.command("GET", self.sessions.keys.rev)) or 0)
-            records, broken = yield self.sessions.load()
+            rev = int((yield self._live().command("GET", self._live().keys.rev)) or 0)
+            records, broken = yield self._live().load()
         except Exception as e:
             self._error = f"reload failed: {e}"
             log.warn("session store: {error}; retrying", error=self._error)
@@ -247,7 +253,7 @@ class RedisSessionStore(CachedSessions, Service):
     def _beat(self):
         """Notice a dead server, and finish a reload that failed, without waiting for traffic."""
         try:
-            yield self.sessions.command("PING")
+            yield self._live().command("PING")
             self._reachable = True
         except Exception as e:
             self._reachable = False

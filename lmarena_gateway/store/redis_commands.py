@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import threading
 from importlib.resources import files
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import txredisapi
@@ -93,7 +94,8 @@ class RedisAddress:
     def endpoint(self, reactor, timeout: float):
         if self.path:
             return UNIXClientEndpoint(reactor, self.path, timeout=timeout)
-        endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
+        assert self.host is not None  # parse_address gives a host or a path
+        endpoint: Any = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
         if self.scheme == "rediss":
             from twisted.internet.ssl import Certificate, optionsForClientTLS
 
@@ -120,13 +122,13 @@ def parse_address(url: str) -> RedisAddress:
     ca = query.get("ca", [None])[-1]
     if ca is not None and not os.path.isfile(ca):
         raise ValueError(f"ca={ca!r} is not a file")
-    common = {"username": unquote(parts.username) if parts.username else None,
+    common: dict[str, Any] = {"username": unquote(parts.username) if parts.username else None,
               "password": unquote(parts.password) if parts.password else None, "ca": ca}
     if parts.scheme == "unix":
         path = unquote(parts.path)
         if not path.startswith("/"):
             raise ValueError("a unix:// URL needs an absolute socket path: unix:///run/redis.sock")
-        address = {"path": path}
+        address: dict[str, Any] = {"path": path}
     else:
         if not parts.hostname:
             raise ValueError(f"{url!r} names no host")
@@ -134,7 +136,7 @@ def parse_address(url: str) -> RedisAddress:
             port = parts.port or 6379
         except ValueError:
             raise ValueError(f"{url!r} has an invalid port") from None
-        address = {"host": parts.hostname, "port": port}
+        address = {"host": parts.hostname, "port": port}  # typed at the unix:// branch
         db = parts.path.strip("/") or db
     if not (db or "0").isdigit():
         raise ValueError(f"the Redis database must be a number, not {db!r}")
@@ -308,11 +310,11 @@ class RedisSessionFile:
         self.address = parse_address(url)
         self.path = self.address.display()
         self.domains = domains
-        self._reactor = reactor
-        self._thread = threading.Thread(target=reactor.run, daemon=True,
+        self._reactor = cast(Any, reactor)  # the global reactor, run in a thread of our own
+        self._thread = threading.Thread(target=self._reactor.run, daemon=True,
                                         kwargs={"installSignalHandlers": False})
         self._thread.start()
-        self.sessions = None
+        self.sessions: RedisSessions | None = None
         try:
             self.sessions = self._call(self._connect, prefix, timeout)
         except SystemExit:
@@ -330,6 +332,11 @@ class RedisSessionFile:
         return ready.addCallbacks(
             lambda _: RedisSessions(factory, self.address, prefix, timeout, self._reactor), failed)
 
+    def _live(self) -> RedisSessions:
+        if self.sessions is None:
+            raise RuntimeError("not connected to Redis")
+        return self.sessions
+
     def _call(self, function, *args):
         from twisted.internet.threads import blockingCallFromThread
 
@@ -339,30 +346,30 @@ class RedisSessionFile:
             raise SystemExit(f"lmgateway: {e.message}") from None
 
     def load(self):
-        return self._call(self.sessions.load)
+        return self._call(self._live().load)
 
     def put(self, record: SessionRecord) -> None:
         if not record_is_valid(record, self.domains):
             raise ValueError(f"{record.key}: not a valid session")
-        self._call(self.sessions.put, record)
+        self._call(self._live().put, record)
 
     def delete(self, domain: str, name: str) -> bool:
-        return bool(self._call(self.sessions.delete, domain, name))
+        return bool(self._call(self._live().delete, domain, name))
 
     def revoke_tokens(self, name: str) -> int:
         """Bump ``name``'s registration token generation (see tokens.RedisSecrets)."""
-        return int(self._call(self.sessions.command, "HINCRBY",
-                              f"{self.sessions.prefix}token-generations", name, 1))
+        return int(self._call(self._live().command, "HINCRBY",
+                              f"{self._live().prefix}token-generations", name, 1))
 
     def prune(self, cutoff: float, candidates) -> list[SessionRecord]:
-        removed = self._call(self.sessions.prune, cutoff, [r.key for r in candidates])
+        removed = self._call(self._live().prune, cutoff, [r.key for r in candidates])
         return [record for _, record in removed]
 
     def size(self) -> int:
-        return self._call(self.sessions.size)
+        return self._call(self._live().size)
 
     def close(self) -> None:
         if self.sessions is not None:
-            self._call(self.sessions.factory.disconnect)
+            self._call(self._live().factory.disconnect)
         self._reactor.callFromThread(self._reactor.stop)
         self._thread.join(10)

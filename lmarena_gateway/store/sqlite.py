@@ -140,15 +140,20 @@ class DBMSessionStore(CachedSessions, Service):
         self._flush.clock = reactor
         self._flush_interval = flush_interval
         self._file: SessionFile | None = None
-        self._version = None
+        self._version: int | None = None
+
+    def _opened(self) -> SessionFile:
+        if self._file is None:
+            raise RuntimeError("the session store is used before startService")
+        return self._file
 
     # --- lifecycle ---
 
     def startService(self) -> None:
         # Runs once at startup, before anything is served: loading here is not blocking anyone.
-        self._file = SessionFile(self.path)
-        self._cache, broken = self._file.load()
-        self._version = self._file.data_version()
+        self._file = table = SessionFile(self.path)
+        self._cache, broken = table.load()
+        self._version = table.data_version()
         settle_for_the_collector()
         for key in broken:
             self.log.warn("session store: unreadable record {key!r} ignored", key=key)
@@ -166,7 +171,7 @@ class DBMSessionStore(CachedSessions, Service):
                 loop.stop()
         yield self.flush()
         self._pool.stop()
-        self._file.close()
+        self._opened().close()
 
     def _loop_died(self, failure, which):
         self.log.failure("session store {which} loop stopped", failure, which=which)
@@ -216,7 +221,7 @@ class DBMSessionStore(CachedSessions, Service):
             self._remember(record)
             return record
 
-        return self._write(self._file.upsert, registration, now).addCallback(stored)
+        return self._write(self._opened().upsert, registration, now).addCallback(stored)
 
     def delete(self, domain: str, name: str) -> Deferred:
         def deleted(existed: bool) -> bool:
@@ -225,7 +230,7 @@ class DBMSessionStore(CachedSessions, Service):
             self._used.pop(key, None)
             return existed
 
-        return self._write(self._file.delete, domain, name).addCallback(deleted)
+        return self._write(self._opened().delete, domain, name).addCallback(deleted)
 
     def flush(self) -> Deferred:
         """Persist the uses noted since the last flush, in one transaction.
@@ -242,7 +247,7 @@ class DBMSessionStore(CachedSessions, Service):
             for key, when in uses.items():
                 self._used[key] = max(when, self._used.get(key, 0.0))
 
-        return self._write(self._file.save_last_used, uses).addErrback(keep_for_later)
+        return self._write(self._opened().save_last_used, uses).addErrback(keep_for_later)
 
     @inlineCallbacks
     def prune(self, cutoff: float):
@@ -254,7 +259,7 @@ class DBMSessionStore(CachedSessions, Service):
             # Let go of each batch as it is done: 100 000 records freed at once at the
             # end would be one long stall on the reactor.
             batch, candidates[:PRUNE_BATCH] = candidates[:PRUNE_BATCH], []
-            removed = yield self._in_thread(self._file.prune, cutoff, batch)
+            removed = yield self._in_thread(self._opened().prune, cutoff, batch)
             for record in removed:
                 self._cache.pop(record.key, None)
                 self._used.pop(record.key, None)
@@ -269,14 +274,14 @@ class DBMSessionStore(CachedSessions, Service):
 
     def _check_for_changes(self) -> Deferred | None:
         def read():
-            version = self._file.data_version()
+            version = self._opened().data_version()
             if version == self._version:
                 return None
             # Built here, off the reactor; unchanged sessions keep the objects already in
             # memory, so swapping the dicts frees only what really changed.
             current = self._cache
             records = {}
-            for key, record in self._file.load()[0].items():
+            for key, record in self._opened().load()[0].items():
                 known = current.get(key)
                 records[key] = known if known == record else record
             return version, records
