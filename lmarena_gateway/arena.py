@@ -12,6 +12,7 @@ import os
 import re
 import time
 import uuid
+from urllib.parse import urlsplit
 
 from attrs import field, frozen
 
@@ -306,3 +307,84 @@ def usage_of(arena_usage: dict | None) -> dict | None:
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "content-filter": "content_filter",
                   "content_filter": "content_filter", "tool-calls": "tool_calls"}
+
+
+# --- a search answer's sources ---
+
+MAX_SOURCES = 50  # a list longer than this helps nobody at the end of an answer
+
+
+class Sources:
+    """The sources a search model cites in its ``ac`` lines, for the end of the answer.
+
+    Each ``ac`` line is a tool-call delta: ``argsTextDelta`` is (a piece of) a JSON text
+    holding ``source`` (one or a list) or ``sources``, each with a ``url`` and a ``title``.
+    Pieces of one ``toolCallId`` are joined until they parse. Sources are kept in the order
+    first cited, once per URL, with the first title given for it; only http(s) URLs.
+    """
+
+    def __init__(self) -> None:
+        self.found: dict[str, str] = {}  # url -> title, in citation order
+        self._partial: dict[str, str] = {}  # toolCallId -> args text not yet whole
+
+    def add(self, data) -> None:
+        if not isinstance(data, dict):
+            return
+        delta = data.get("argsTextDelta")
+        if not isinstance(delta, str):
+            self._take(data.get("args"), 0)
+            return
+        key = str(data.get("toolCallId") or "")
+        text = self._partial.pop(key, "") + delta
+        try:
+            value = json.loads(text)
+        except ValueError:
+            if len(text) < 256 * 1024:
+                self._partial[key] = text  # the rest comes in the next delta
+            return
+        self._take(value, 0)
+
+    def _take(self, value, depth: int) -> None:
+        if depth > 4 or len(self.found) >= MAX_SOURCES:
+            return
+        if isinstance(value, list):
+            for item in value:
+                self._take(item, depth + 1)
+            return
+        if not isinstance(value, dict):
+            return
+        url = value.get("url")
+        if isinstance(url, str):
+            url = url.strip()
+            parts = urlsplit(url)
+            if parts.scheme in ("http", "https") and parts.netloc:
+                title = value.get("title") or value.get("name") or ""
+                title = " ".join(title.split()) if isinstance(title, str) else ""
+                if not self.found.get(url):
+                    self.found[url] = title
+            return
+        for name in ("source", "sources", "results", "citations"):
+            if name in value:
+                self._take(value[name], depth + 1)
+
+    def markdown(self) -> str:
+        """``\n\nSources:\n1. [title](url)`` lines, or "" when nothing was cited."""
+        if not self.found:
+            return ""
+        lines = [f"{n}. [{_link_text(title or url)}]({_link_target(url)})"
+                 for n, (url, title) in enumerate(self.found.items(), 1)]
+        return "\n\nSources:\n" + "\n".join(lines)
+
+
+def _link_text(text: str) -> str:
+    """Text that cannot end a markdown link early."""
+    for char in ("\\", "[", "]"):
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def _link_target(url: str) -> str:
+    """A URL a markdown link takes as one destination (no space or bracket ends it)."""
+    for char, code in ((" ", "%20"), ("(", "%28"), (")", "%29"), ("<", "%3C"), (">", "%3E")):
+        url = url.replace(char, code)
+    return url

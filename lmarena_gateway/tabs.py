@@ -40,8 +40,9 @@ class IJobSink(Interface):
     def text(data: str) -> None:
         """More of the body, cut anywhere."""
 
-    def end(error: str | None) -> None:
-        """The body ended, or (``error``) the fetch in the tab failed."""
+    def end(error: str | None) -> str | None:
+        """The body ended, or (``error``) the fetch in the tab failed. Returns what the
+        tab should show its user (a check to solve, a sign-in), if anything."""
 
     def lost(why: str) -> None:
         """The tab went away before the end; the job is not handed to another tab."""
@@ -245,7 +246,10 @@ class TabRegistry(Service):
             tab.last_error = error[:300]
         if message.get("done") or (isinstance(error, str) and error):
             self._release(tab, job)
-            job.sink.end(error if isinstance(error, str) and error else None)
+            notice = job.sink.end(error if isinstance(error, str) and error else None)
+            if isinstance(notice, str) and notice:
+                tab.last_error = notice[:300]
+                return {"cancel": False, "problem": notice}
             return {"cancel": False}
         return {"cancel": job.cancelled}
 

@@ -56,6 +56,11 @@ class Chunks:
         return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
+# Refusals a person fixes in the tab itself: the tab's badge shows them too.
+TAB_NOTICES = {"ARENA_CHALLENGE", "ARENA_NOT_SIGNED_IN", "ARENA_RECAPTCHA_FAILED",
+               "ARENA_RATE_LIMITED"}
+
+
 def image_markdown(url: str) -> str:
     return f"\n\n![image]({url})\n\n"
 
@@ -86,6 +91,7 @@ class TabAnswer:
         self.text_parts: list[str] = []
         self.reasoning_parts: list[str] = []
         self.images: list[str] = []
+        self.sources = arena.Sources()
         self.finish_reason: str | None = None
         self.usage: dict | None = None
         self.failed: tuple[str, str] | None = None  # (code, message) of an arena error
@@ -95,8 +101,16 @@ class TabAnswer:
         self.payload_for: Any = None  # () -> a new job payload with fresh ids
         self.retries = {"recaptcha": 1, "empty": 2}  # what may still be tried again
         self.error_body: list[str] = []
+        self.notice: str | None = None  # what the tab's badge should say about a refusal
         self.sent_at = time.monotonic()
         self._deadline = upstream.clock.callLater(self.config.stream_idle_timeout, self._timeout)
+        # A stream opens with its first chunk, so that a refusal, an empty answer or a model
+        # error before it is still an HTTP status the client can act on. A client is not
+        # left without headers longer than one keep-alive interval, though: after that the
+        # stream opens anyway and keep-alives flow.
+        self._opener = None
+        if self.stream and self.config.keepalive > 0:
+            self._opener = upstream.clock.callLater(self.config.keepalive, self._start_stream)
 
     # --- IJobSink: what the tab reports ---
 
@@ -104,9 +118,6 @@ class TabAnswer:
         self._alive()
         if code >= 300:
             self.refused = (code, headers)  # what it means shows in the body: read it first
-            return
-        if self.stream:
-            self._start_stream()
 
     def text(self, data: str) -> None:
         self._alive()
@@ -116,16 +127,18 @@ class TabAnswer:
             return
         self._events(self.parser.feed(data))
 
-    def end(self, error: str | None) -> None:
+    def end(self, error: str | None) -> str | None:
+        """The end of the body; returns what the tab's badge should say, if anything."""
         if self.done:
-            return
+            return None
+        self.notice = None
         if self.refused is not None:
             self._refused(*self.refused, "".join(self.error_body))
-            return
+            return self.notice
         if error is None:
             self._events(self.parser.close())
         if self.done:
-            return
+            return None
         if error is not None:
             self._fail(502, "TAB_FETCH_FAILED", f"the tab of session {self.session_name} could "
                        f"not finish the arena request: {error}")
@@ -133,6 +146,7 @@ class TabAnswer:
             self._fail(502, *self.failed)
         else:
             self._complete()
+        return None
 
     def lost(self, why: str) -> None:
         if not self.done:
@@ -153,6 +167,7 @@ class TabAnswer:
         # response itself is left to the relay and to Klein's cancel of ``finished``.
         self.done = True
         self._deadline_off()
+        self._opener_off()
         self.cancel_job()
 
     # --- the answer ---
@@ -171,6 +186,8 @@ class TabAnswer:
                 self.images.append(event.text)
                 if self.kind == "chat":
                     self._emit(content=image_markdown(event.text))
+            elif event.kind == "citation":
+                self.sources.add(event.data)
             elif event.kind == "error":
                 self.failed = ("ARENA_MODEL_ERROR", f"LMArena: {event.text}")
                 self._fail(502, *self.failed)
@@ -181,11 +198,14 @@ class TabAnswer:
     def _emit(self, **delta) -> None:
         for name, value in delta.items():
             (self.text_parts if name == "content" else self.reasoning_parts).append(value)
+        if self.stream:
+            self._start_stream()
         if self.relay is not None:
             self.relay.dataReceived(self.chunks.delta(**delta))
 
     def _start_stream(self) -> None:
-        if self.relay is not None:
+        self._opener_off()
+        if self.relay is not None or self.done:
             return
         self._deadline_off()
         request = self.request
@@ -212,6 +232,9 @@ class TabAnswer:
         return f"the tab of session {self.session_name} on {self.domain}"
 
     def _complete(self) -> None:
+        if self.sources.found:
+            # the search model's citations, as the last of the text (see docs/tab-mode.rst)
+            self._emit(content=self.sources.markdown())
         if not (self.text_parts or self.reasoning_parts or self.images):
             # 200 with no content: LMArena does this now and then; fresh ids, twice more
             if self._again("empty"):
@@ -221,6 +244,7 @@ class TabAnswer:
             return
         self.done = True
         self._deadline_off()
+        self._opener_off()
         reason = self.finish_reason or "stop"
         if self.relay is not None:
             tail = self.chunks.event({}, reason)
@@ -265,6 +289,7 @@ class TabAnswer:
         self.refused, self.error_body = None, []
         self.finish_reason, self.usage, self.failed = None, None, None
         self.text_parts, self.reasoning_parts, self.images = [], [], []
+        self.sources = arena.Sources()
         try:
             self.job = self.upstream.registry.submit(self.tabs, self.payload_for(), self)
         except ApiError as e:
@@ -279,6 +304,8 @@ class TabAnswer:
         if self.relay is None:
             for name, value in found.headers.items():
                 self.request.setHeader(name.encode(), value.encode())
+        if found.code in TAB_NOTICES:
+            self.notice = found.message  # a person has to act in that tab: its badge says so
         self._fail(found.status, found.code, found.message)
 
     def _fail(self, status: int, code: str, message: str) -> None:
@@ -286,6 +313,7 @@ class TabAnswer:
             return
         self.done = True
         self._deadline_off()
+        self._opener_off()
         self.upstream.metrics.upstream_error(code)
         self.cancel_job()
         if self.relay is not None:
@@ -313,6 +341,10 @@ class TabAnswer:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
 
+    def _opener_off(self) -> None:
+        if self._opener is not None and self._opener.active():
+            self._opener.cancel()
+
     def _timeout(self) -> None:
         self._fail(504, "TAB_TIMEOUT", f"{self._source()} sent nothing for "
                    f"{self.config.stream_idle_timeout:g} s")
@@ -325,6 +357,7 @@ class TabAnswer:
         """The client went away."""
         self.done = True
         self._deadline_off()
+        self._opener_off()
         self.cancel_job()
         if self.relay is not None:
             self.relay.stop()
@@ -377,6 +410,7 @@ class TabUpstream:
         except ApiError as e:
             sink.done = True
             sink._deadline_off()
+            sink._opener_off()
             if e.code == "SESSION_BUSY":
                 request.setHeader(b"Retry-After", b"5")
             raise

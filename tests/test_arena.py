@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from lmarena_gateway import arena
-from lmarena_gateway.arena import ArenaEvent, LineParser
+from lmarena_gateway.arena import ArenaEvent, LineParser, Sources
 from lmarena_gateway.errors import ApiError
 
 # An answer with every kind of line, multi-byte text, and a line that does not end.
@@ -194,3 +194,56 @@ def test_the_history_is_what_comes_before_the_last_user_message():
     turns = [*HISTORY, arena.Turn("user", "And 3+3?")]
     history, rest = arena.split_history(turns)
     assert history == HISTORY and rest == [arena.Turn("user", "And 3+3?")]
+
+
+# --- a search answer's sources ---
+
+
+def cite(tool: str, args_text: str) -> dict:
+    return {"toolCallId": tool, "argsTextDelta": args_text}
+
+
+def test_sources_are_listed_once_per_url_in_citation_order_with_their_titles():
+    sources = Sources()
+    sources.add(cite("s1", json.dumps({"source": {"url": "https://b.example/2", "title": "B"}})))
+    sources.add(cite("s2", json.dumps({"source": [
+        {"url": "https://a.example/1", "title": "  A\n title "},
+        {"url": "https://b.example/2", "title": "B again"}]})))
+    sources.add(cite("s3", json.dumps({"sources": [{"url": "https://c.example/3"}]})))
+    assert sources.markdown() == (
+        "\n\nSources:\n1. [B](https://b.example/2)\n2. [A title](https://a.example/1)\n"
+        "3. [https://c.example/3](https://c.example/3)")
+
+
+def test_a_later_title_fills_in_a_source_cited_without_one():
+    sources = Sources()
+    sources.add(cite("s1", '{"source":{"url":"https://a.example/"}}'))
+    sources.add(cite("s2", '{"source":{"url":"https://a.example/","title":"A"}}'))
+    assert sources.markdown() == "\n\nSources:\n1. [A](https://a.example/)"
+
+
+def test_args_cut_across_deltas_are_joined_per_tool_call():
+    whole = json.dumps({"source": [{"url": "https://a.example/x", "title": "X"}]})
+    sources = Sources()
+    sources.add(cite("s1", whole[:10]))
+    sources.add(cite("other", '{"source":{"url":"https://o.example/","title":"O"}}'))
+    sources.add(cite("s1", whole[10:]))
+    assert list(sources.found) == ["https://o.example/", "https://a.example/x"]
+
+
+def test_only_web_links_are_kept_and_none_can_break_the_markdown():
+    sources = Sources()
+    sources.add(cite("s1", json.dumps({"source": [
+        {"url": "javascript:alert(1)", "title": "evil"}, {"url": "data:text/html,x"},
+        {"url": "/relative"}, {"url": 42}, "not a source",
+        {"url": "https://w.example/a b (c)", "title": "[x](https://phish.example) \\"}]})))
+    sources.add({"toolCallId": "s2"})  # nothing to read
+    sources.add("junk")
+    assert sources.markdown() == ("\n\nSources:\n1. [\\[x\\](https://phish.example) \\\\]"
+                                  "(https://w.example/a%20b%20%28c%29)")
+
+
+def test_no_citation_no_sources():
+    sources = Sources()
+    sources.add(cite("s1", '{"source":[]}'))
+    assert sources.markdown() == ""

@@ -165,11 +165,37 @@ async def test_a_tab_lost_mid_stream_ends_with_tab_lost(gateway_factory):
     polled = tab.job()
     pending = chat(gw, stream=True)
     job = await polled
-    await tab.push(job, status=200, text='a0:"par')
+    await tab.push(job, status=200, text='a0:"part"\na0:"par')
     registry = gw.service.getServiceNamed("tabs")
     registry.disconnect(registry.tab("arena.ai", "alpha", "tab-python-1"), "closed")
     seen = events(await treq.content(await pending))
+    assert seen[0]["choices"][0]["delta"]["content"] == "part"
     assert seen[-2]["error"]["code"] == "TAB_LOST" and seen[-1] == "[DONE]"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_opens_with_its_first_chunk_so_an_early_failure_is_a_status(
+        gateway_factory):
+    gw = await gateway(gateway_factory)
+    tab = PyTab(gw, "alpha")
+    await tab.connect()
+    for text, code in (('a0:"hasArenaError"\n', "ARENA_MODEL_ERROR"),
+                       ('a3:"the model is overloaded"\n', "ARENA_MODEL_ERROR")):
+        polled = tab.job()
+        pending = chat(gw, stream=True)
+        await answer_with(tab, await polled, 200, text)
+        response = await pending
+        assert response.code == 502
+        assert json.loads(await treq.content(response))["error"]["code"] == code
+    polled = tab.job()
+    pending = chat(gw, stream=True)
+    job = await polled
+    await tab.push(job, status=200, text='a0:"par')
+    registry = gw.service.getServiceNamed("tabs")
+    registry.disconnect(registry.tab("arena.ai", "alpha", "tab-python-1"), "closed")
+    response = await pending
+    assert response.code == 502  # not a line of the answer was whole: nothing was sent
+    assert json.loads(await treq.content(response))["error"]["code"] == "TAB_LOST"
 
 
 @pytest_twisted.ensureDeferred
@@ -289,7 +315,7 @@ async def test_a_recaptcha_refused_twice_is_502(gateway_factory):
 
 
 @pytest_twisted.ensureDeferred
-async def test_empty_answers_are_retried_twice_then_502_mid_stream(gateway_factory):
+async def test_empty_answers_are_retried_twice_then_502(gateway_factory):
     gw = await gateway(gateway_factory)
     tab = PyTab(gw, "alpha")
     await tab.connect()
@@ -301,23 +327,28 @@ async def test_empty_answers_are_retried_twice_then_502_mid_stream(gateway_facto
         if attempt < 2:
             polled = tab.job()
     response = await pending
-    assert response.code == 200  # the stream had started: the error is an event
-    seen = events(await treq.content(response))
-    assert seen[-2]["error"]["code"] == "ARENA_EMPTY_ANSWER" and seen[-1] == "[DONE]"
+    assert response.code == 502  # no chunk yet: the stream had not opened
+    assert json.loads(await treq.content(response))["error"]["code"] == "ARENA_EMPTY_ANSWER"
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_refusal_after_the_stream_started_is_an_event(gateway_factory):
-    gw = await gateway(gateway_factory)
+    gw = await gateway(gateway_factory, keepalive=0.2)
     tab = PyTab(gw, "alpha")
     await tab.connect()
     polled = tab.job()
     pending = chat(gw, stream=True)
     job = await polled
-    await answer_with(tab, job, 200, "")  # empty: retried, the stream has begun
+    await answer_with(tab, job, 200, "")  # empty: retried
     job = await tab.job()
-    await answer_with(tab, job, 403, "<!DOCTYPE html><title>Just a moment...</title>")
-    seen = events(await treq.content(await pending))
+    # no chunk for one keep-alive interval: the stream opens, and keep-alives flow
+    response = await pending
+    assert response.code == 200
+    reply = await answer_with(tab, job, 403, "<!DOCTYPE html><title>Just a moment...</title>")
+    # the tab's badge says what to do, as the client is told
+    assert reply == {"cancel": False,
+                     "problem": "solve the check in the arena.ai tab of session alpha"}
+    seen = events(await treq.content(response))
     assert seen[-2]["error"]["code"] == "ARENA_CHALLENGE"
     assert "solve the check in the arena.ai tab of session alpha" in seen[-2]["error"]["message"]
 
@@ -344,3 +375,42 @@ async def test_two_tabs_of_one_team_answer_at_once_a_third_waits_a_fourth_is_429
     job = await one.job()  # the waiting request goes to the first tab that asks
     await answer_with(one, job, 200, 'a0:"three"\n')
     assert json.loads(await treq.content(await third))["choices"][0]["message"]["content"] == "three"
+
+
+SEARCH_ANSWER = ('a0:"It is sunny."\n'
+                 'ac:{"toolCallId":"s1","argsTextDelta":"{\\"source\\":{\\"url\\":\\"https://w.example/'
+                 'today\\",\\"title\\":\\"Weather today\\"}}"}\n'
+                 'ac:{"toolCallId":"s2","argsTextDelta":"{\\"source\\":[{\\"url\\":\\"https://w.example/'
+                 'today\\",\\"title\\":\\"Again\\"},{\\"url\\":\\"https://n.example/\\"}]}"}\n'
+                 'ad:{"finishReason":"stop"}\n')
+SOURCES = ("\n\nSources:\n1. [Weather today](https://w.example/today)\n"
+           "2. [https://n.example/](https://n.example/)")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_search_answer_ends_with_its_sources(gateway_factory):
+    gw = await gateway(gateway_factory)
+    tab = PyTab(gw, "alpha")
+    await tab.connect()
+    polled = tab.job()
+    pending = chat(gw, stream=False)
+    await answer_with(tab, await polled, 200, SEARCH_ANSWER)
+    answer = json.loads(await treq.content(await pending))
+    assert answer["choices"][0]["message"]["content"] == "It is sunny." + SOURCES
+    # streamed: one last content delta, then the finish chunk
+    polled = tab.job()
+    pending = chat(gw, stream=True)
+    await answer_with(tab, await polled, 200, SEARCH_ANSWER)
+    seen = events(await treq.content(await pending))
+    deltas = [(e["choices"][0]["delta"], e["choices"][0]["finish_reason"]) for e in seen[:-1]]
+    assert deltas == [({"role": "assistant", "content": "It is sunny."}, None),
+                      ({"content": SOURCES}, None), ({}, "stop")]
+    # /v1/responses rides the chat path: the same text
+    polled = tab.job()
+    pending = treq.post(gw.url + "/v1/responses", json.dumps(
+        {"model": "fake-chat", "input": "weather?"}).encode(),
+        headers={"Content-Type": "application/json", "X-Session-Name": "alpha",
+                 "X-Target-Domain": "arena.ai"})
+    await answer_with(tab, await polled, 200, SEARCH_ANSWER)
+    response = json.loads(await treq.content(await pending))
+    assert response["output"][0]["content"][0]["text"] == "It is sunny." + SOURCES
