@@ -90,7 +90,7 @@ class FakeArena:
         self.used_ids: set[str] = set()
         self.evaluations: dict[str, dict] = {}  # id -> {"account", "turns"}
         self.events: list[dict] = []
-        self.refuse_next: list[tuple[int, str, str]] = []  # tests queue refusals here
+        self.refuse_next: list[dict] = []  # tests script answers here (see queue_refusal)
 
     def _event(self, **fields) -> dict:
         fields["at"] = self.clock.seconds()
@@ -147,11 +147,26 @@ class FakeArena:
 
     @app.route("/_fake/refuse-next", methods=["POST"])
     def queue_refusal(self, request):
-        """Tests: the next streaming call answers this status and body instead."""
+        """Tests: the next acceptable streaming call answers this instead (once each).
+
+        ``{"status", "body", "content_type"?, "headers"?: {name: value}, "delay"?: seconds,
+        "when"?: text}``: with ``when``, only a call whose message holds that text takes
+        it, so tests running at once, or one that failed half-way, never take another's.
+        """
         body = json.loads(request.content.read())
-        self.refuse_next.append((int(body["status"]), body.get("content_type", "application/json"),
-                                 body["body"]))
+        self.refuse_next.append({
+            "status": int(body["status"]), "body": str(body["body"]),
+            "content_type": str(body.get("content_type", "application/json")),
+            "headers": {str(k): str(v) for k, v in (body.get("headers") or {}).items()},
+            "delay": float(body.get("delay") or 0), "when": body.get("when")})
         return b"{}"
+
+    def _scripted(self, content: str) -> dict | None:
+        for entry in self.refuse_next:
+            if entry["when"] is None or str(entry["when"]) in content:
+                self.refuse_next.remove(entry)
+                return entry
+        return None
 
     # --- the two streaming calls ---
 
@@ -164,13 +179,22 @@ class FakeArena:
         return self._stream(request, evaluation_id)
 
     def _refuse(self, request, status: int, body, content_type: str = "application/json",
-                **why):
+                headers: dict | None = None, delay: float = 0.0, **why):
         self._event(event="refused", status=status, path=request.path.decode(), **why)
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", content_type.encode())
-        if status == 429:
+        if status == 429 and not headers:
             request.setHeader(b"Retry-After", b"7")
-        return body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        for name, value in (headers or {}).items():
+            request.setHeader(name.encode(), value.encode())
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        if delay <= 0:
+            return data
+        # a slow refusal: the gateway has opened the client's stream by the time it comes
+        later: Deferred = Deferred()
+        call = self.clock.callLater(delay, later.callback, data)
+        request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
+        return later
 
     def _check(self, request, evaluation_id: str | None):
         """(account, body) of an acceptable call, or the refusal's bytes."""
@@ -199,12 +223,15 @@ class FakeArena:
             return self._refuse(request, 400, {"error": "ids must be UUIDv7"}, reason="not v7")
         if any(i in self.used_ids for i in ids):
             return self._refuse(request, 400, {"error": "id already used"}, reason="reused id")
+        # what tests compare between attempts: the ids and (a prefix of) the token
+        attempt: dict[str, Any] = {"ids": ids,
+                                   "token": str(body.get("recaptchaV3Token") or "")[:12]}
         token = self.tokens.get(body.get("recaptchaV3Token") or "")
         if (token is None or token["used"] or token["action"] != "chat_submit"
                 or token["key"] != SITE_KEY
                 or self.clock.seconds() - token["at"] > TOKEN_LIFETIME):
             return self._refuse(request, 403, {"error": "recaptcha validation failed"},
-                                reason="recaptcha")
+                                reason="recaptcha", account=account, **attempt)
         token["used"] = True
         self.used_ids.update(ids)
         if evaluation_id is not None:
@@ -212,30 +239,34 @@ class FakeArena:
             if owned is None or owned["account"] != account:
                 return self._refuse(request, 401, {"error": f"User {account} does not have "
                                                    f"access to evaluation session {evaluation_id}"},
-                                    reason="not owner")
+                                    reason="not owner", account=account, **attempt)
         model = next((m for m in MODELS if m["id"] == body["modelAId"]), None)
         if model is None:
             return self._refuse(request, 400, {"error": "unknown model"}, reason="model")
-        return account, body, model
+        return account, body, model, attempt
 
     def _stream(self, request, evaluation_id: str | None):
         checked = self._check(request, evaluation_id)
         if isinstance(checked, bytes):
             return checked
-        account, body, model = checked
+        account, body, model, attempt = checked
         content = str(body["userMessage"].get("content", ""))
-        if self.refuse_next:
-            status, content_type, text = self.refuse_next.pop(0)
-            return self._refuse(request, status, text, content_type, reason="queued")
+        scripted = self._scripted(content)
+        if scripted is not None:
+            return self._refuse(request, scripted["status"], scripted["body"],
+                                scripted["content_type"], scripted["headers"], scripted["delay"],
+                                reason="queued", account=account, content=content[-200:],
+                                **attempt)
         for word, (status, content_type, text) in TRIGGERS.items():
             if word in content:
-                return self._refuse(request, status, text, content_type, reason=word)
+                return self._refuse(request, status, text, content_type, reason=word,
+                                    account=account, content=content[-200:], **attempt)
         eid = evaluation_id or body["id"]
         evaluation = self.evaluations.setdefault(eid, {"account": account, "turns": 0})
         evaluation["turns"] += 1
         self._event(event="request", path=request.path.decode(), account=account,
                     evaluation=eid, turn=evaluation["turns"], model=model["publicName"],
-                    followup=evaluation_id is not None, content=content[-200:])
+                    followup=evaluation_id is not None, content=content[-200:], **attempt)
         request.setHeader(b"Content-Type", b"text/event-stream")
         return self._answer(request, account, eid, evaluation["turns"], model, content)
 
@@ -258,8 +289,12 @@ class FakeArena:
             size = max(1, -(-len(text) // self.chunks))
             lines += [_line("0", text[i:i + size]) for i in range(0, len(text), size)]
         if output.get("search"):
+            # as LMArena cites: one source, then a list that cites the first one again
             lines.append(_line("c", {"toolCallId": "s1", "argsTextDelta": json.dumps(
-                {"sources": [{"url": "https://example.org/a", "title": "Source A"}]})}))
+                {"source": {"url": "https://example.org/a", "title": "Source A"}})}))
+            lines.append(_line("c", {"toolCallId": "s2", "argsTextDelta": json.dumps(
+                {"source": [{"url": "https://example.org/a", "title": "Source A"},
+                            {"url": "https://example.org/b?q=1", "title": "Source B"}]})}))
         if "[[mid-error]]" in content:
             lines.append(_line("3", "the model stopped with an error"))
             return lines

@@ -110,7 +110,7 @@ class TabAnswer:
         # stream opens anyway and keep-alives flow.
         self._opener = None
         if self.stream and self.config.keepalive > 0:
-            self._opener = upstream.clock.callLater(self.config.keepalive, self._start_stream)
+            self._opener = upstream.clock.callLater(self.config.keepalive, self._open_early)
 
     # --- IJobSink: what the tab reports ---
 
@@ -223,6 +223,13 @@ class TabAnswer:
         self.upstream.metrics.stream_opened()
         self.finished.addBoth(self._closed)
         self.relay.makeConnection(self)
+
+    def _open_early(self) -> None:
+        """No chunk for a keep-alive interval: open the stream, with a keep-alive at once so
+        the client (and any proxy) sees bytes now."""
+        self._start_stream()
+        if self.relay is not None and not self.done:
+            self.request.write(b": keep-alive\n\n")
 
     def _closed(self, result):
         self.upstream.metrics.stream_closed()

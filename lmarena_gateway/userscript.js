@@ -289,6 +289,8 @@
         lastPush = Date.now();
         call("/tab/push", fields, 20000).then(function (r) {
           inFlight = false;
+          // The gateway read a refusal a person fixes here (a check, a sign-in): say it.
+          if (r.data && typeof r.data.problem === "string") { problem(r.data.problem); }
           if (r.status !== 200 || (r.data && r.data.cancel)) { stop(); return; }
           if (last) { close(); return; }
           if (pending || (head && !headSent) || ended || error !== null) { push(); }
@@ -319,6 +321,10 @@
           if (value !== null) { headers[name] = value; }
         });
         head = {status: response.status, headers: headers};
+        if (response.status < 300 && tab.error) {
+          tab.error = null;  // LMArena answers again: what the badge said is over
+          badge();
+        }
         push();
         var reader = response.body.getReader(), decoder = new TextDecoder();
         var read = function () {

@@ -95,6 +95,22 @@ class FakeArenaProcess:
         finally:
             connection.close()
 
+    def script(self, status: int, body: str, *, when: str, content_type: str = "application/json",
+               headers: dict | None = None, delay: float = 0.0) -> None:
+        """The next call whose message holds ``when`` answers this (once): see
+        ``FakeArena.queue_refusal``."""
+        import ssl
+
+        connection = httpclient.HTTPSConnection("127.0.0.1", self.port, timeout=5,
+                                                 context=ssl._create_unverified_context())
+        try:
+            connection.request("POST", "/_fake/refuse-next", json.dumps({
+                "status": status, "body": body, "when": when, "content_type": content_type,
+                "headers": headers or {}, "delay": delay}), headers={"Host": "arena.ai"})
+            assert connection.getresponse().status == 200
+        finally:
+            connection.close()
+
     def events(self):
         seen = self._get("/_fake/events")
         return None if seen is None else seen["events"]
