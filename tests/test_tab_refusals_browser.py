@@ -2,11 +2,12 @@
 in headless Chromium -> the fake arena.ai, which refuses as LMArena does (a word in the
 message, or an answer scripted for one message through ``/_fake/refuse-next``).
 
-Each row of the table in docs/tab-mode.rst is shown twice: before the first byte (an HTTP
-status and the envelope, streamed or not) and after it (the stream opened, then an error
-event and ``[DONE]``). A stream opens with its first chunk, or after one keep-alive
-interval (``--keepalive 2`` here) without one; an answer the arena holds back for longer
-than that (``delay``) arrives after the first byte. One browser, one fake arena and one
+Each refusal of docs/tab-mode.rst ("Errors and what a person does") is shown twice:
+before the first byte (an HTTP status and the envelope, streamed or not) and after it
+(the stream opened, then an error event and ``[DONE]``). A stream opens with its first
+chunk, or after one keep-alive interval (``--keepalive 2`` here) without one; an answer
+the arena holds back longer than that (``delay``) arrives after the first byte.
+One browser, one fake arena and one
 gateway serve the whole module.
 """
 
