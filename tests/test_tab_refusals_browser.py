@@ -81,10 +81,12 @@ def tabs(browser, gateway):
     """solo: one tab (alice); team: two tabs of two accounts (bob, carol), in two browser
     profiles; nobody: a tab whose browser is not signed in to the arena."""
     script = {name: script_for(gateway, name) for name in ("solo", "team", "nobody")}
-    opened = {"solo": Tab(browser, script["solo"], "alice"),
-              "team-bob": Tab(browser, script["team"], "bob"),
-              "team-carol": Tab(browser, script["team"], "carol"),
-              "nobody": Tab(browser, script["nobody"], None)}
+    wanted = {"solo": ("solo", "alice"), "team-bob": ("team", "bob"),
+              "team-carol": ("team", "carol"), "nobody": ("nobody", None)}
+    with ThreadPoolExecutor(len(wanted)) as pool:  # the browser opens them side by side
+        futures = {key: pool.submit(Tab, browser, script[name], account)
+                   for key, (name, account) in wanted.items()}
+        opened = {key: future.result() for key, future in futures.items()}
     for tab in opened.values():
         tab.wait_badge("connected")
     yield opened
