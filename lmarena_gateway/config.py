@@ -71,6 +71,7 @@ class GatewayConfig:
     debug: bool = False
     log_requests: bool = False
     max_body: int = 20 * 1024 * 1024
+    body_workers: int = 2  # processes parsing bodies over 256 KiB; 0: the reactor parses all
     connect_timeout: float = 10.0
     stream_idle_timeout: float = 360.0
     keepalive: float = 15.0
@@ -205,6 +206,9 @@ SETTINGS = (
             "Comma-separated origins allowed by CORS, or *"),
     Setting("max_body", "max-body", "GATEWAY_MAX_BODY", parse_size,
             "Largest /v1 request body in bytes (KiB/MiB suffixes allowed)"),
+    Setting("body_workers", "body-workers", "GATEWAY_BODY_WORKERS", parse_nonneg_count,
+            "Processes that parse JSON bodies over 256 KiB, off the reactor (0: the reactor "
+            "parses every body)"),
     Setting("connect_timeout", "connect-timeout", "GATEWAY_CONNECT_TIMEOUT", parse_positive,
             "Seconds to wait for a TCP connection to a bridge"),
     Setting("stream_idle_timeout", "stream-idle-timeout", "GATEWAY_STREAM_IDLE_TIMEOUT",

@@ -7,13 +7,14 @@ from urllib.parse import unquote
 
 from attrs import evolve
 from klein import Klein
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import inlineCallbacks, succeed
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import PathConverter
 
 from . import __version__
-from .errors import ApiError, parse_json, render_error, write_json
+from .bodies import Bodies
+from .errors import ApiError, render_error, write_json
 from .metrics import Metrics
 from .proxy import Proxy
 from .security import AdminAuth, ClientKeys, require_bridge_allowed
@@ -38,8 +39,9 @@ class Gateway:
     app.url_map.merge_slashes = False  # FrontDoor collapses them; werkzeug would redirect
 
     def __init__(self, config, store, client, clock, *, tokens=None, client_keys=None,
-                 metrics=None, tabs=None, status=None) -> None:
+                 metrics=None, tabs=None, status=None, bodies=None) -> None:
         self.config = config
+        self.bodies = bodies if bodies is not None else Bodies()  # the parse pool's front
         self.store = store
         self.clock = clock
         self.metrics = metrics if metrics is not None else Metrics(store, config.domains)
@@ -49,9 +51,10 @@ class Gateway:
         self.tabs = tabs  # the TabRegistry, or None: no tab mode (some unit tests)
         self.proxy = Proxy(config, store, client, clock,
                            client_keys=client_keys or (lambda: ClientKeys({})),
-                           metrics=self.metrics, tabs=tabs)
+                           metrics=self.metrics, tabs=tabs, bodies=self.bodies)
         self.tab_channel = TabChannel(config, store, tokens, tabs, clock,
-                                      check_origin=self._require_allowed_origin)
+                                      check_origin=self._require_allowed_origin,
+                                      bodies=self.bodies)
         # The operator's page; make_service hands in one with the probe and the pruner.
         self.status = status if status is not None else StatusPages.build(
             config, store, clock, tokens=tokens)
@@ -130,14 +133,14 @@ class Gateway:
         if len(raw) > limit:
             raise ApiError(413, "BODY_TOO_LARGE", f"the body is over {limit} bytes")
         if not raw.strip():
-            return None  # no fields at all: MISSING_FIELDS, as the PHP gateway answers
-        return parse_json(raw)
+            return succeed(None)  # no fields at all: MISSING_FIELDS, as the PHP gateway answers
+        return self.bodies.parse(raw)
 
     @app.route("/session/register", methods=["POST"])
     @inlineCallbacks
     def register(self, request):
         self._require_allowed_origin(request)
-        body = trimmed(self._json_body(request, MAX_SESSION_BODY))
+        body = trimmed((yield self._json_body(request, MAX_SESSION_BODY)))
         admin = self.admin.is_admin(request)
         if not admin:
             self._check_registration_token(request, body)

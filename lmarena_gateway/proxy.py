@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from .bodies import Bodies
 from .bridge import (
     Upstream,
     cancelled,
@@ -27,7 +28,7 @@ from .bridge import (
     why,
 )
 from .config import GatewayConfig
-from .errors import ApiError, envelope, note_error, parse_json, set_error_headers
+from .errors import ApiError, envelope, note_error, set_error_headers
 from .metrics import Metrics
 from .relay import Relay, set_status
 from .sessions import SessionRecord, check_domain, check_session_name
@@ -52,8 +53,9 @@ class Proxy:
     """
 
     def __init__(self, config: GatewayConfig, store, client, clock, *, client_keys=None,
-                 metrics: Metrics | None = None, tabs=None) -> None:
+                 metrics: Metrics | None = None, tabs=None, bodies: Bodies | None = None) -> None:
         self.config = config
+        self.bodies = bodies if bodies is not None else Bodies()
         self.store = store
         self.client = client
         self.clock = clock
@@ -125,12 +127,16 @@ class Proxy:
             headers.setRawHeaders(b"X-LMArena-Domain", [record.domain.encode()])
         return headers
 
-    def read_json_body(self, request, *, required: tuple[tuple[str, type], ...]) -> tuple[dict, bytes]:
+    def read_json_body(self, request, *, required: tuple[tuple[str, type], ...]) -> Deferred:
+        """Fires with (body, raw): a large body is parsed off the reactor (bodies.py)."""
         raw = request.content.read(self.config.max_body + 1)
         if len(raw) > self.config.max_body:
             raise ApiError(413, "BODY_TOO_LARGE",
                            f"the request body is over {self.config.max_body} bytes")
-        body = parse_json(raw)
+        return self.bodies.parse(raw).addCallback(self._checked, raw, required)
+
+    @staticmethod
+    def _checked(body, raw: bytes, required: tuple[tuple[str, type], ...]) -> tuple[dict, bytes]:
         if not isinstance(body, dict):
             raise ApiError(400, "INVALID_REQUEST", "the body must be a JSON object")
         for name, kind in required:
@@ -151,8 +157,8 @@ class Proxy:
 
     def chat(self, request) -> Deferred:
         route = self.route(request, required=True)
-        body, raw = self.read_json_body(request, required=(("model", str), ("messages", list)))
-        return route.upstream.chat(request, route, body, raw)
+        return self.read_json_body(request, required=(("model", str), ("messages", list))) \
+            .addCallback(lambda parsed: route.upstream.chat(request, route, *parsed))
 
     def forward_chat(self, request, record, body: dict, raw: bytes | None = None) -> Deferred:
         """The chat path every chat-shaped request takes (/v1/responses translates into it).
@@ -167,8 +173,8 @@ class Proxy:
 
     def images(self, request) -> Deferred:
         route = self.route(request, required=True)
-        body, raw = self.read_json_body(request, required=(("prompt", str),))
-        return route.upstream.images(request, route, body, raw)
+        return self.read_json_body(request, required=(("prompt", str),)) \
+            .addCallback(lambda parsed: route.upstream.images(request, route, *parsed))
 
     def _model_list(self, request):
         """The upstream's models plus the session's aliases; fires with a list, or with

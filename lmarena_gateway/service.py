@@ -10,6 +10,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from .bodies import Bodies, BodyPool
 from .bridge import make_http_client
 from .config import GatewayConfig
 from .gateway import Gateway
@@ -208,8 +209,14 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
     status = StatusPages.build(config, store, reactor, tokens=tokens, prober=prober,
                                pruner=pruning, tabs=RegistryTabs(tabs, config))
 
+    bodies = Bodies()
+    if config.body_workers > 0:
+        parsers = BodyPool(reactor, config.body_workers)
+        parsers.setName("body-parsers")
+        parsers.setServiceParent(root)
+        bodies = Bodies(parsers)
     gateway = Gateway(config, store, client, reactor, tokens=tokens, client_keys=keys,
-                      metrics=metrics, tabs=tabs, status=status)
+                      metrics=metrics, tabs=tabs, status=status, bodies=bodies)
     reloader = SighupReloader(reactor, keys=keys, admin=gateway.admin,
                               admin_token_file=config.admin_token_file)
     reloader.setName("sighup")

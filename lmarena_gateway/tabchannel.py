@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
 from .arena import parse_models
-from .errors import ApiError, parse_json, write_json
+from .bodies import Bodies
+from .errors import ApiError, write_json
 from .sessions import Registration, check_domain, check_session_name, check_session_room
 
 log = Logger()
@@ -23,27 +24,30 @@ MAX_PUSH_BODY = 4 * 1024 * 1024
 
 
 class TabChannel:
-    def __init__(self, config, store, tokens, registry, clock, *, check_origin) -> None:
+    def __init__(self, config, store, tokens, registry, clock, *, check_origin,
+                 bodies: Bodies | None = None) -> None:
         self.config = config
+        self.bodies = bodies if bodies is not None else Bodies()
         self.store = store
         self.tokens = tokens
         self.registry = registry
         self.clock = clock
         self.check_origin = check_origin  # the gateway's browser-origin rule
 
-    def _body(self, request, limit: int) -> dict:
+    def _body(self, request, limit: int) -> Deferred:
         raw = request.content.read(limit + 1)
         if len(raw) > limit:
             raise ApiError(413, "BODY_TOO_LARGE", f"the body is over {limit} bytes")
-        body = parse_json(raw)
+        return self.bodies.parse(raw)
+
+    def _identify(self, request, limit: int) -> Deferred:
+        """Fires with (body, domain, name, tab id) of a tab whose token is valid for its name."""
+        self.check_origin(request)
+        return self._body(request, limit).addCallback(self._identified)
+
+    def _identified(self, body) -> tuple[dict, str, str, str]:
         if not isinstance(body, dict):
             raise ApiError(400, "INVALID_JSON", "the body must be a JSON object")
-        return body
-
-    def _identify(self, request, limit: int) -> tuple[dict, str, str, str]:
-        """(body, domain, name, tab id) of a tab whose token is valid for its name."""
-        self.check_origin(request)
-        body = self._body(request, limit)
         name = check_session_name(body.get("session_name"))
         domain = check_domain(body.get("domain"), self.config.domains)
         token = body.get("registration_token")
@@ -71,7 +75,7 @@ class TabChannel:
 
     @inlineCallbacks
     def connect(self, request):
-        body, domain, name, tab_id = self._identify(request, MAX_CONNECT_BODY)
+        body, domain, name, tab_id = yield self._identify(request, MAX_CONNECT_BODY)
         source = body.get("models_source")
         models = parse_models(source if isinstance(source, str) else "")
         if self.store.get(domain, name) is None:
@@ -87,7 +91,10 @@ class TabChannel:
             "poll_timeout": self.registry.poll_timeout, "heartbeat": self.registry.heartbeat})
 
     def poll(self, request):
-        body, domain, name, tab_id = self._identify(request, 64 * 1024)
+        return self._identify(request, 64 * 1024).addCallback(self._poll, request)
+
+    def _poll(self, identified, request):
+        body, domain, name, tab_id = identified
         tab = self._tab(domain, name, tab_id)
         timeout = body.get("timeout_seconds")
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
@@ -102,7 +109,10 @@ class TabChannel:
         return self.registry.poll(tab, float(timeout)).addCallback(answer)
 
     def push(self, request):
-        body, domain, name, tab_id = self._identify(request, MAX_PUSH_BODY)
+        return self._identify(request, MAX_PUSH_BODY).addCallback(self._push, request)
+
+    def _push(self, identified, request):
+        body, domain, name, tab_id = identified
         tab = self._tab(domain, name, tab_id)
         job_id = body.get("job_id")
         if not isinstance(job_id, str):

@@ -1,0 +1,265 @@
+"""Client JSON bodies: large ones parsed off the reactor, and none of absurd structure.
+
+``json.loads`` holds the GIL, so a thread does not help: a 17 MiB body of a million keys
+stalled every other request for 1-5 s. Every route that parses a JSON body asks
+:class:`Bodies`. A body of at most :data:`THRESHOLD` bytes is parsed on the reactor (a
+few milliseconds at most); a larger one goes to one of a few child processes
+(:class:`BodyPool`, ``--body-workers``), which parse it and send the value back pickled.
+
+Sending back a million-key value would cost the reactor as much as parsing it, so a
+body of more than :data:`MAX_VALUES` JSON values (objects, arrays, strings, numbers,
+...) is refused, whatever its size, with 413 ``BODY_TOO_COMPLEX``. A legitimate request
+is far below that: a long conversation is a few values a message, and a 10 MiB prompt
+is one string, whose round trip costs a copy.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import sys
+from collections import deque
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
+
+from .errors import ApiError, parse_json
+
+log = Logger()
+THRESHOLD = 256 * 1024  # larger bodies are parsed by a worker process
+MAX_VALUES = 100_000  # JSON values a body may hold, on every route
+WORKER_NICENESS = 10  # on a busy machine the reactor gets the CPU first
+_FRAME = struct.Struct("!Q")
+
+
+def decode(raw: bytes) -> Any:
+    """The body's value, or the ApiError a client gets for it: the same in a worker."""
+    value = parse_json(raw)
+    # Each value takes at least two bytes ("0,"), so a shorter body cannot hold too many.
+    if len(raw) > 2 * MAX_VALUES and _more_values_than(value, MAX_VALUES):
+        raise ApiError(413, "BODY_TOO_COMPLEX",
+                       f"the body holds more than {MAX_VALUES} JSON values (objects, arrays, "
+                       "strings, numbers); no request needs that many")
+    return value
+
+
+def _more_values_than(value: Any, limit: int) -> bool:
+    count, stack = 0, [value]
+    while stack:  # not recursive: a body may nest as deep as json.loads allows
+        item = stack.pop()
+        count += 1
+        if count > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _answer(raw: bytes) -> bytes:
+    """What a worker sends back for one body: a pickled ("ok", value) or ("error", ...)."""
+    try:
+        result: tuple = ("ok", decode(raw))
+    except ApiError as e:
+        result = ("error", e.status, e.code, e.message)
+    return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _result(payload: bytes) -> Any:
+    kind, *rest = pickle.loads(payload)
+    if kind == "ok":
+        return rest[0]
+    raise ApiError(*rest)
+
+
+class IBodyPool(Interface):
+    """Parses bodies somewhere other than the reactor thread."""
+
+    running = Attribute("whether it takes jobs now")
+
+    def submit(raw: bytes) -> Deferred:
+        """Fires with the body's value, or fails with its ApiError."""
+        raise NotImplementedError
+
+
+@implementer(IBodyPool)
+class InlinePool:
+    """Parses on the caller's thread: for tests that need a pool's surface, and 0 workers."""
+
+    running = True
+
+    def submit(self, raw: bytes) -> Deferred:
+        try:
+            return succeed(decode(raw))
+        except ApiError as e:
+            return fail(e)
+
+
+class Bodies:
+    """The one way a route turns a body's bytes into its value."""
+
+    def __init__(self, pool: Any = None, *, threshold: int = THRESHOLD) -> None:
+        """``pool`` provides IBodyPool; without one, every body is parsed on the reactor."""
+        self.pool = pool
+        self.threshold = threshold
+
+    def parse(self, raw: bytes) -> Deferred:
+        if len(raw) > self.threshold and self.pool is not None and self.pool.running:
+            return self.pool.submit(raw)
+        try:
+            return succeed(decode(raw))
+        except ApiError as e:
+            return fail(e)
+
+
+class _Worker(ProcessProtocol):
+    """One child process; one body at a time, as length-prefixed frames both ways."""
+
+    transport: Any
+
+    def __init__(self, pool: "BodyPool") -> None:
+        self.pool = pool
+        self.job: Deferred | None = None
+        self._buffer = bytearray()
+        self.ended: Deferred = Deferred()
+
+    def send(self, raw: bytes, job: Deferred) -> None:
+        self.job = job
+        self.transport.write(_FRAME.pack(len(raw)))
+        self.transport.write(raw)  # written as the pipe drains: the reactor never waits
+
+    def outReceived(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) < _FRAME.size:
+            return
+        (size,) = _FRAME.unpack_from(self._buffer)
+        if len(self._buffer) < _FRAME.size + size:
+            return
+        payload = bytes(memoryview(self._buffer)[_FRAME.size:_FRAME.size + size])
+        del self._buffer[:_FRAME.size + size]
+        job, self.job = self.job, None
+        self.pool._idle(self)
+        if job is None or job.called:
+            return  # a cancelled job's answer is dropped
+        try:
+            value = _result(payload)
+        except ApiError as e:
+            job.errback(e)
+        else:
+            job.callback(value)
+
+    def errReceived(self, data: bytes) -> None:
+        log.warn("body parser: {text}", text=data.decode("utf-8", "replace").rstrip()[-2000:])
+
+    def processEnded(self, reason: Failure) -> None:
+        job, self.job = self.job, None
+        if job is not None and not job.called:
+            job.errback(ApiError(503, "BODY_PARSER_UNAVAILABLE",
+                                 "the gateway's body parser process ended while parsing this "
+                                 "body; retry", "server_error"))
+        self.pool._ended(self, reason)
+        self.ended.callback(None)
+
+
+@implementer(IBodyPool)
+class BodyPool(Service):
+    """Up to ``workers`` child processes that parse large bodies; more bodies wait their turn.
+
+    A worker is started when a body needs one, and then stays: a gateway that never sees
+    a large body runs none. One that ends (killed, out of memory) fails its body with 503
+    ``BODY_PARSER_UNAVAILABLE``, and the next body starts another.
+    """
+
+    def __init__(self, reactor, workers: int) -> None:
+        self.reactor = reactor
+        self.workers = workers
+        self._all: list[_Worker] = []
+        self._idle_workers: deque[_Worker] = deque()
+        self._queue: deque[tuple[bytes, Deferred]] = deque()
+
+    def stopService(self):
+        super().stopService()
+        for _raw, job in list(self._queue):
+            job.cancel()
+        self._queue.clear()
+        waits = [w.ended for w in self._all]
+        for worker in self._all:
+            worker.transport.closeStdin()  # the worker exits at the end of its input
+        return DeferredList(waits)
+
+    def submit(self, raw: bytes) -> Deferred:
+        job: Deferred = Deferred(self._forget)
+        self._queue.append((raw, job))
+        self._next()
+        return job
+
+    def _forget(self, job: Deferred) -> None:
+        self._queue = deque(entry for entry in self._queue if entry[1] is not job)
+
+    def _start(self) -> _Worker:
+        worker = _Worker(self)
+        # env=None: the gateway's own environment, so the child imports this same package.
+        self.reactor.spawnProcess(worker, sys.executable,
+                                  [sys.executable, "-m", "lmarena_gateway.bodies"], env=None)
+        self._all.append(worker)
+        return worker
+
+    def _next(self) -> None:
+        while self._queue:
+            if not self._idle_workers:
+                if len(self._all) >= self.workers or not self.running:
+                    return
+                self._idle_workers.append(self._start())
+            raw, job = self._queue.popleft()
+            if not job.called:
+                self._idle_workers.popleft().send(raw, job)
+
+    def _idle(self, worker: _Worker) -> None:
+        if worker in self._all:
+            self._idle_workers.append(worker)
+            self._next()
+
+    def _ended(self, worker: _Worker, reason: Failure) -> None:
+        self._all.remove(worker)
+        if worker in self._idle_workers:
+            self._idle_workers.remove(worker)
+        if self.running:
+            log.warn("a body parser process ended: {why}", why=reason.getErrorMessage())
+            self._next()
+
+    @property
+    def processes(self) -> int:
+        return len(self._all)
+
+
+def worker_main() -> None:
+    """A worker: bodies in on stdin, answers out on stdout, until stdin ends."""
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:
+        pass
+    source, sink = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        head = source.read(_FRAME.size)
+        if len(head) < _FRAME.size:
+            return
+        (size,) = _FRAME.unpack(head)
+        raw = source.read(size)
+        if len(raw) < size:
+            return
+        answer = _answer(raw)
+        sink.write(_FRAME.pack(len(answer)))
+        sink.write(answer)
+        sink.flush()
+        del raw, answer
+
+
+if __name__ == "__main__":
+    worker_main()

@@ -1,0 +1,243 @@
+"""Large JSON bodies are parsed off the reactor, and absurd ones are refused (issue 13, item 4).
+
+The unit tier pins the routing (a body over the threshold never reaches ``json.loads``
+on the reactor) and the bound; the process tier runs real worker processes and shows
+``/health`` answered while a million-key body is being parsed, by ordering, not timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+
+from lmarena_gateway.bodies import MAX_VALUES, THRESHOLD, Bodies, BodyPool, decode
+from lmarena_gateway.errors import ApiError
+
+from support.client import SESSION, call
+from support.stub import StubGateway, result_of
+
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def million_keys(keys: int = 1_000_000) -> bytes:
+    head = json.dumps(CHAT).encode()[:-1]
+    return head + b"".join(b', "k%07d": 0' % i for i in range(keys)) + b"}"
+
+
+def padded(body: dict, size: int = THRESHOLD + 1024) -> bytes:
+    """A legitimate body just over the threshold: one long message."""
+    text = "x" * size
+    if "messages" in body:
+        return json.dumps(dict(body, messages=[{"role": "user", "content": text}])).encode()
+    if "prompt" in body:
+        return json.dumps(dict(body, prompt=text)).encode()
+    return json.dumps(dict(body, input=text)).encode()
+
+
+def answered(d: Deferred) -> list:
+    """A list that gets the Deferred's result when it has one (``called`` is True as soon
+    as a Deferred waits on another)."""
+    results: list = []
+
+    def keep(result):
+        results.append(result)
+        return result
+
+    d.addBoth(keep)
+    return results
+
+
+def refusal(raw: bytes) -> tuple[int, str]:
+    with pytest.raises(ApiError) as caught:
+        decode(raw)
+    return caught.value.status, caught.value.code
+
+
+# --- the bound, the same in a worker and on the reactor ---
+
+def test_a_million_keys_are_too_complex():
+    assert refusal(million_keys()) == (413, "BODY_TOO_COMPLEX")
+
+
+def test_a_ten_mebibyte_prompt_in_one_message_is_a_body_like_any_other():
+    text = "a long prompt, " * (10 * 1024 * 1024 // 15)
+    body = {"model": "m", "messages": [{"role": "user", "content": text}]}
+    assert decode(json.dumps(body).encode()) == body
+
+
+def test_the_bound_counts_values_at_every_depth():
+    at_limit = json.dumps({"a": [{"b": 0}] * ((MAX_VALUES - 2) // 2)}).encode()
+    assert len(raw_values(at_limit)) <= MAX_VALUES
+    decode(at_limit)
+    over = json.dumps({"a": [[0, 0]] * (MAX_VALUES // 3 + 1)}).encode()
+    assert refusal(over) == (413, "BODY_TOO_COMPLEX")
+
+
+def raw_values(raw: bytes) -> list:
+    out, stack = [], [json.loads(raw)]
+    while stack:
+        item = stack.pop()
+        out.append(item)
+        stack.extend(item.values() if isinstance(item, dict) else item if isinstance(item, list) else ())
+    return out
+
+
+def test_invalid_and_deep_bodies_stay_invalid_json():
+    assert refusal(b"[" * 1500 + b"]" * 1500) == (400, "INVALID_JSON")
+    assert refusal(b'{"a": ') == (400, "INVALID_JSON")
+
+
+# --- which bodies leave the reactor ---
+
+class HeldPool:
+    """A pool whose jobs wait until the test parses them."""
+
+    running = True
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[bytes, Deferred]] = []
+
+    def submit(self, raw: bytes) -> Deferred:
+        d: Deferred = Deferred()
+        self.jobs.append((raw, d))
+        return d
+
+    def finish(self) -> None:
+        for raw, d in self.jobs:
+            try:
+                d.callback(decode(raw))
+            except ApiError as e:
+                d.errback(e)
+
+
+@pytest.fixture
+def no_big_parse(monkeypatch):
+    """Every json.loads of more than the threshold, wherever it is called from."""
+    seen: list[int] = []
+    real = json.loads
+
+    def loads(s, *args, **kwargs):
+        if len(s) > THRESHOLD:
+            seen.append(len(s))
+        return real(s, *args, **kwargs)
+
+    monkeypatch.setattr(json, "loads", loads)
+    return seen
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", CHAT),
+    ("/v1/images/generations", {"model": "fake-model", "prompt": "a cat"}),
+    ("/v1/responses", {"model": "fake-model", "input": "hi"}),
+])
+def test_a_body_over_the_threshold_is_parsed_by_the_pool_not_the_reactor(path, body, no_big_parse):
+    gw = StubGateway()
+    gw.register()
+    pool = HeldPool()
+    gw.gateway.bodies.pool = pool  # the routes share the gateway's one Bodies
+    pending = gw.send("POST", path, padded(body), {"X-Session-Name": SESSION["session_name"]})
+    assert [len(raw) for raw, _ in pool.jobs] == [len(padded(body))]
+    assert no_big_parse == []  # the reactor did not parse it
+    assert answered(pending) == []
+    pool.finish()
+    gw.settle()
+    assert result_of(pending).code == 200
+
+
+def test_a_body_at_the_threshold_is_parsed_inline():
+    pool = HeldPool()
+    raw = json.dumps(dict(CHAT, pad="x" * (THRESHOLD - len(json.dumps(CHAT)) - 11))).encode()
+    assert len(raw) <= THRESHOLD
+    assert result_of(Bodies(pool).parse(raw))["model"] == "fake-model"
+    assert pool.jobs == []
+
+
+def test_a_million_keys_get_the_envelope_from_the_pool():
+    gw = StubGateway()
+    gw.register()
+    pool = HeldPool()
+    gw.gateway.bodies.pool = pool
+    pending = gw.send("POST", "/v1/chat/completions", million_keys(),
+                      {"X-Session-Name": SESSION["session_name"]})
+    pool.finish()
+    gw.settle()
+    answer = result_of(pending)
+    assert answer.code == 413
+    body = json.loads(result_of(gw.client.content(answer)))
+    assert body["error"]["code"] == "BODY_TOO_COMPLEX"
+
+
+def test_without_a_running_pool_the_reactor_parses():
+    pool = HeldPool()
+    pool.running = False
+    assert result_of(Bodies(pool).parse(padded(CHAT)))["model"] == "fake-model"
+    assert pool.jobs == []
+
+
+# --- real worker processes ---
+
+@pytest.mark.process
+@pytest_twisted.ensureDeferred
+async def test_worker_processes_parse_refuse_and_survive_a_crash(reactor):
+    pool = BodyPool(reactor, 1)
+    pool.startService()
+    try:
+        big = padded(CHAT, 3 * 1024 * 1024)
+        assert await pool.submit(big) == json.loads(big)
+        with pytest.raises(ApiError) as caught:
+            await pool.submit(million_keys())
+        assert caught.value.code == "BODY_TOO_COMPLEX"
+        # A worker killed mid-body fails that body, and the next one gets a new worker.
+        doomed = pool.submit(million_keys())
+        pid = pool._all[0].transport.pid
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ApiError) as caught:
+            await doomed
+        assert (caught.value.status, caught.value.code) == (503, "BODY_PARSER_UNAVAILABLE")
+        assert await pool.submit(big) == json.loads(big)
+        assert pool._all[0].transport.pid != pid
+    finally:
+        await pool.stopService()
+    assert pool.processes == 0
+
+
+async def until(check, reactor, what: str, timeout: float = 60.0) -> None:
+    from twisted.internet.task import deferLater
+
+    waited = 0.0
+    while not check():
+        assert waited < timeout, f"timed out waiting for {what}"
+        await deferLater(reactor, 0.01, lambda: None)
+        waited += 0.01
+
+
+@pytest.mark.process
+@pytest_twisted.ensureDeferred
+async def test_health_is_answered_while_a_million_key_body_is_being_parsed(gateway_factory,
+                                                                          reactor):
+    import treq
+
+    gw = await gateway_factory()
+    await call("POST", gw.url + "/session/register", SESSION)
+    pool = gw.service.getServiceNamed("body-parsers")
+    big = treq.post(gw.url + "/v1/chat/completions", data=million_keys(),
+                    headers={"Content-Type": "application/json", "X-Session-Name": "team-alpha"})
+    big_answer = answered(big)
+    await until(lambda: pool.processes == 1 and pool._all[0].job is not None, reactor,
+                "the body to reach a worker")
+    worker = pool._all[0].transport.pid
+    os.kill(worker, signal.SIGSTOP)  # the parse cannot finish until the test says so
+    try:
+        status, _, health = await call("GET", gw.url + "/health")
+        assert (status, health["status"]) == (200, "ok")
+        assert big_answer == []  # /health answered while the body was still being parsed
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    response = await big
+    body = json.loads(await treq.content(response))
+    assert (response.code, body["error"]["code"]) == (413, "BODY_TOO_COMPLEX")
