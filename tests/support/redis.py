@@ -72,6 +72,10 @@ class RedisServer:
             return resp(self.port, "PING", timeout=1) == "PONG"
         except OSError:
             return False
+        except RuntimeError as e:
+            if str(e).startswith("LOADING"):  # up, still replaying its AOF: not ready yet
+                return False
+            raise
 
     def kill(self) -> None:
         """SIGKILL: no shutdown save, so only what was fsynced survives."""
