@@ -34,6 +34,7 @@ from .setting_values import (
     parse_secret_file,
     parse_size,
     parse_storage,
+    parse_workers,
     read_admin_token_file,
 )
 from .store import REDIS, SQLITE, backend_of
@@ -88,6 +89,7 @@ class GatewayConfig:
     secret_file: str | None = None  # None: registration.secret beside the store
     tab_queue: int = 4  # requests that may wait for a busy session's tabs
     tab_poll_timeout: float = 25.0
+    workers: int = 1  # processes serving the listening sockets (docs/performance.rst)
     # (requested domain, tab domain): a request for the first may be served by a tab on
     # the second (lmarena.ai redirects to arena.ai, so PHP-era clients ask for lmarena.ai)
     tab_pairs: tuple[tuple[str, str], ...] = (("lmarena.ai", "arena.ai"),)
@@ -244,6 +246,9 @@ SETTINGS = (
     Setting("tab_pairs", "tab-pairs", "GATEWAY_TAB_PAIRS", parse_pairs,
             "REQUESTED=TAB domain pairs: requests for REQUESTED may be served by the same "
             "session's tab on TAB ('' for none) [default: lmarena.ai=arena.ai]"),
+    Setting("workers", "workers", "GATEWAY_WORKERS", parse_workers,
+            "Processes sharing the listening sockets, one core each; more than 1 turns tab "
+            "mode off (tcp, unix and systemd endpoints only)"),
     Setting("debug", "debug", "DEBUG_MODE", parse_bool, "Log upstream detail", flag=True),
     Setting("log_requests", "log-requests", "LOG_REQUESTS", parse_bool,
             "Log one line per request", flag=True),
@@ -291,4 +296,19 @@ def build_config(options: Mapping[str, object], environ: Mapping[str, str],
         if setting.parse is read_admin_token_file:
             values["admin_token_file"] = raw
     config = GatewayConfig(**values, sources=sources)
+    _check_workers(config)
     return config
+
+
+def _check_workers(config: GatewayConfig) -> None:
+    """Workers share the listening sockets; a TLS endpoint's socket is only half of it."""
+    from .workers import unshareable
+
+    if config.workers == 1:
+        return
+    for description in config.listen:
+        if unshareable(description):
+            where = config.sources.get("workers", "--workers")
+            raise ConfigError(f"{where} {config.workers}: {description!r} cannot be shared "
+                              "by worker processes (tcp, tcp6, unix and systemd endpoints "
+                              "can; put TLS in a reverse proxy)")

@@ -22,6 +22,7 @@ from .sessions import check_domain, check_session_name, check_session_room, trim
 from .site import MAX_SESSION_BODY, registration_origins, request_id
 from .status import StatusPages
 from .tabchannel import TabChannel
+from .workers import tab_mode_off
 
 log = Logger()
 class _DomainAndName(PathConverter):
@@ -39,9 +40,10 @@ class Gateway:
     app.url_map.merge_slashes = False  # FrontDoor collapses them; werkzeug would redirect
 
     def __init__(self, config, store, client, clock, *, tokens=None, client_keys=None,
-                 metrics=None, tabs=None, status=None, bodies=None) -> None:
+                 metrics=None, tabs=None, status=None, bodies=None, worker=None) -> None:
         self.config = config
         self.bodies = bodies if bodies is not None else Bodies()  # the parse pool's front
+        self.worker = worker  # a WorkerRole with --workers > 1: /health names the process
         self.store = store
         self.clock = clock
         self.metrics = metrics if metrics is not None else Metrics(store, config.domains)
@@ -124,6 +126,8 @@ class Gateway:
             health["tabs"] = self.tabs.per_domain(self.config.domains)
             # per session: its tabs (connected since, busy, last error), busy count, queue
             health["tab_sessions"] = self.tabs.snapshot()
+        if self.worker is not None:
+            health["worker"] = self.worker.health()
         return write_json(request, 200, health)
 
     # --- sessions ---
@@ -239,6 +243,8 @@ class Gateway:
 
     def _require_tabs(self) -> TabChannel:
         if self.tabs is None:
+            if self.config.workers > 1:
+                raise ApiError(503, "TAB_MODE_OFF", tab_mode_off(self.config.workers))
             raise ApiError(404, "NOT_FOUND", "tab mode is not enabled here")
         return self.tab_channel
 

@@ -34,6 +34,7 @@ from .relay import Relay, set_status
 from .sessions import SessionRecord, check_domain, check_session_name
 from .site import request_id
 from .upstream import IUpstream, Route
+from .workers import tab_mode_off
 
 log = Logger()
 
@@ -91,6 +92,9 @@ class Proxy:
                     return Route(domain, name, record, tabs, self.tab_upstream)
         records = [r for r in (self.store.get(d, name) for d in candidates) if r is not None]
         if any(r.upstream == "tab" for r in records) and (record is None or record.upstream == "tab"):
+            if self.tabs is None and self.config.workers > 1:
+                raise ApiError(503, "TAB_MODE_OFF", tab_mode_off(self.config.workers),
+                               "upstream_error")
             raise ApiError(503, "TAB_NOT_CONNECTED",
                            f"session {name!r} is served only by its tab, and none is connected: "
                            f"open https://{candidates[-1]}/ in a browser that is signed in to "

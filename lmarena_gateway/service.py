@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from attrs import frozen
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
@@ -23,6 +25,7 @@ from .status.probe import BridgeProber
 from .store import open_store, secret_source
 from .tabs import TabRegistry
 from .tokens import RegistrationTokens
+from .workers import AdoptedListener, Lifeline, WorkerPool, WorkerRole
 
 log = Logger()
 DAY = 86400.0
@@ -163,8 +166,14 @@ class GatewayService(MultiService):
             raise SystemExit(f"lmgateway: --listen: cannot listen on {where}: {why}") from None
 
 
-def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> MultiService:
+def make_service(config: GatewayConfig, reactor, *, client=None, store=None,
+                 worker: WorkerRole | None = None) -> MultiService:
+    """The daemon; ``worker`` says which of ``--workers`` processes this is (None: the
+    parent, or the only one)."""
     root = GatewayService()
+    if worker is None and config.workers > 1:
+        worker = WorkerRole(0, config.workers)
+    parent = worker is None or worker.parent
     if store is None:
         store = make_store(config, reactor)
     store.setName("store")
@@ -178,10 +187,11 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
     # One registry per gateway, shared by the routes, the proxy and the pruner.
     metrics = Metrics(store, config.domains)
     pruning = Pruner(store, reactor, config.cleanup_days, metrics=metrics)
-    pruner = TimerService(config.cleanup_interval, pruning)
-    pruner.clock = reactor
-    pruner.setName("pruner")
-    pruner.setServiceParent(root)
+    if parent:  # one pruner for all workers: they share the store
+        pruner = TimerService(config.cleanup_interval, pruning)
+        pruner.clock = reactor
+        pruner.setName("pruner")
+        pruner.setServiceParent(root)
 
     secrets = secret_source(config, store)
     tokens = RegistrationTokens(secrets, reactor)
@@ -194,11 +204,18 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
     if not config.admin_token:
         log.info("no admin token configured: admin routes answer loopback clients only")
 
-    tabs = TabRegistry(reactor, queue_limit=config.tab_queue,
-                       poll_timeout=config.tab_poll_timeout, metrics=metrics)
-    tabs.setName("tabs")
-    tabs.setServiceParent(root)
-    metrics.watch_tabs(tabs, config.domains)
+    tabs: TabRegistry | None = None
+    if worker is None:
+        # A tab long-polls one process: with several workers its session's requests
+        # could land on another, so tab mode is off (docs/performance.rst).
+        tabs = TabRegistry(reactor, queue_limit=config.tab_queue,
+                           poll_timeout=config.tab_poll_timeout, metrics=metrics)
+        tabs.setName("tabs")
+        tabs.setServiceParent(root)
+        metrics.watch_tabs(tabs, config.domains)
+    else:
+        log.info("worker {index} of {count} (pid {pid}); tab mode is off with --workers > 1",
+                 index=worker.index, count=worker.count, pid=os.getpid())
     # The status page's bridge probe: a few seconds between ticks, a minute per bridge.
     prober = BridgeProber(config, store, client, reactor, interval=config.probe_interval)
     if config.probe_interval > 0:
@@ -207,7 +224,8 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
         probing.setName("bridge-probe")
         probing.setServiceParent(root)
     status = StatusPages.build(config, store, reactor, tokens=tokens, prober=prober,
-                               pruner=pruning, tabs=RegistryTabs(tabs, config))
+                               pruner=pruning,
+                               tabs=RegistryTabs(tabs, config) if tabs is not None else None)
 
     bodies = Bodies()
     if config.body_workers > 0:
@@ -216,16 +234,34 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None) -> 
         parsers.setServiceParent(root)
         bodies = Bodies(parsers)
     gateway = Gateway(config, store, client, reactor, tokens=tokens, client_keys=keys,
-                      metrics=metrics, tabs=tabs, status=status, bodies=bodies)
+                      metrics=metrics, tabs=tabs, status=status, bodies=bodies,
+                      worker=worker)
     reloader = SighupReloader(reactor, keys=keys, admin=gateway.admin,
                               admin_token_file=config.admin_token_file)
     reloader.setName("sighup")
     reloader.setServiceParent(root)
     site = make_site(gateway)
+    if worker is not None and not worker.parent:
+        # The parent's sockets, inherited; the parent's pipe says when to stop.
+        lifeline = Lifeline(reactor)
+        lifeline.setName("lifeline")
+        lifeline.setServiceParent(root)
+        for index, fd in enumerate(worker.fds):
+            adopted = AdoptedListener(reactor, fd, site)
+            adopted.setName(f"listen-{index}")
+            adopted.setServiceParent(root)
+        return root
+    listeners = []
     for index, description in enumerate(config.listen):
         listener = Listener(serverFromString(reactor, description), site)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(root)
+        listeners.append(listener)
+    if worker is not None:
+        # Started after the listeners are bound, stopped before they close.
+        pool = WorkerPool(reactor, config, listeners)
+        pool.setName("workers")
+        pool.setServiceParent(root)
     if not config.log_requests:
         log.info("request logging is off (--log-requests turns it on)")
     return root

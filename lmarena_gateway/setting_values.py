@@ -208,6 +208,15 @@ def parse_secret_file(value: str) -> str | None:
     return value
 
 
+MAX_WORKERS = 64
+
+
+def parse_workers(value: str) -> int:
+    if not value.strip().isdigit() or not 1 <= int(value) <= MAX_WORKERS:
+        raise ValueError(f"{value!r} is not a whole number from 1 to {MAX_WORKERS}")
+    return int(value)
+
+
 def parse_queue(value: str) -> int:
     if not value.strip().isdigit():
         raise ValueError(f"{value!r} is not a whole number >= 0")

@@ -8,6 +8,7 @@ import sys
 from twisted.python import usage
 
 from .config import SETTINGS, ConfigError, GatewayConfig, build_config, prepare_daemon
+from .workers import WorkerRole
 
 
 def _help(setting) -> str:
@@ -34,6 +35,7 @@ class GatewayOptions(usage.Options):
         self.environ = os.environ if environ is None else environ
         self["listen"] = []
         self.config: GatewayConfig | None = None
+        self.worker: WorkerRole | None = None  # set when a parent started this process
 
     def opt_listen(self, description: str) -> None:
         self["listen"].append(description)
@@ -41,6 +43,14 @@ class GatewayOptions(usage.Options):
     opt_listen.__doc__ = _help(next(s for s in SETTINGS if s.option == "listen"))
 
     def postOptions(self) -> None:
+        from .workers import read_config, role_from_environment
+
+        self.worker = role_from_environment(self.environ)
+        if self.worker is not None:
+            # Started by a parent with --workers: its configuration, not ours, and its
+            # sockets (the parent checked both).
+            self.config = read_config()
+            return
         values = {key: value for key, value in self.items()}
         values["listen"] = tuple(self["listen"])
         try:
@@ -69,6 +79,8 @@ class Options(GatewayOptions):
         except usage.UsageError as e:
             sys.exit(f"lmgateway: {e}")
         assert self.config is not None  # the base class's postOptions built it
+        if self.worker is not None:
+            return  # the parent listens; this process inherits its sockets
         busy = busy_port(self.config.listen)
         if busy:
             sys.exit(f"lmgateway: --listen: {busy}")
@@ -118,4 +130,4 @@ def makeService(options: GatewayOptions, reactor=None):
         Logger().warn("unknown variable {name} ignored: no setting reads it (a typo?)",
                       name=name)
     assert options.config is not None, "postOptions builds the config"
-    return make_service(options.config, reactor)
+    return make_service(options.config, reactor, worker=getattr(options, "worker", None))

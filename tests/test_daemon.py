@@ -249,6 +249,7 @@ BAD_VALUES = [
     ("cleanup-days", "GATEWAY_SESSION_CLEANUP_DAYS", "-1", "must be a finite number >= 0"),
     ("storage", "STORAGE_PATH", _unwritable_dir, "cannot create directory"),
     ("storage", "STORAGE_PATH", _through_a_file, "cannot create directory"),
+    ("workers", "GATEWAY_WORKERS", "0", "is not a whole number from 1 to 64"),
 ]
 
 
@@ -369,6 +370,50 @@ def test_socket_activation_serves_on_the_inherited_socket(tmp_path):
         status = stop_with_sigterm(process)
     assert status == -signal.SIGTERM
     assert "Traceback" not in log_path.read_text()
+
+
+def test_socket_activation_with_workers_serves_from_every_worker(tmp_path):
+    """The parent hands systemd's socket on: each worker answers on it, and all stop."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    env = daemon_env(tmp_path, LISTEN_FDS="1", LISTEN_FDNAMES="lmgateway")
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", AS_SYSTEMD_DOES, str(listener.fileno()), bin_path("twistd"),
+             "-n", "--pidfile=", "lmgateway", "--listen", socket_activation_endpoint(),
+             "--workers", "2"],
+            pass_fds=[listener.fileno()], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    listener.close()
+    seen: set[int] = set()
+
+    def both_answered():
+        answer = _health(f"http://127.0.0.1:{port}", process, log_path)
+        if answer is not None and answer[0] == 200:
+            seen.add(answer[2]["worker"]["pid"])
+        return len(seen) == 2
+
+    try:
+        wait_for(both_answered, 30, interval=0.01, what="both workers on the inherited socket")
+        assert process.pid in seen
+    finally:
+        status = stop_with_sigterm(process, within=15)
+    assert status == -signal.SIGTERM
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in seen - {process.pid})
+    assert "Traceback" not in log_path.read_text()
+
+
+def test_workers_with_a_tls_endpoint_stop_startup_with_one_line(tmp_path):
+    import twisted
+
+    pem = os.path.join(os.path.dirname(twisted.__file__), "test", "server.pem")
+    result = run_twistd(["--workers", "2", "--listen", f"ssl:0:privateKey={pem}"],
+                        daemon_env(tmp_path), tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("lmgateway: --workers 2: 'ssl:0:") and "cannot be shared" in line
 
 
 def test_socket_activation_without_the_socket_is_one_line(tmp_path):

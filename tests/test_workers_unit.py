@@ -1,0 +1,262 @@
+"""``--workers``: the pool's restarts and stops on a Clock, the worker's side of the pipe,
+the setting and what it refuses, and tab mode answering 503 with several workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import pytest_twisted
+import twisted
+from attrs import evolve
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from lmarena_gateway import workers
+from lmarena_gateway.config import ConfigError, GatewayConfig, build_config
+from lmarena_gateway.workers import (
+    CONFIG_FD,
+    MAX_RESTART_DELAY,
+    RESTART_DELAY,
+    STOP_TIMEOUT,
+    WORKER_ENV,
+    WorkerPool,
+    WorkerRole,
+    encode_config,
+    read_config,
+    role_from_environment,
+    unshareable,
+)
+
+from support.stub import StubGateway
+
+PEM = os.path.join(os.path.dirname(twisted.__file__), "test", "server.pem")
+
+
+class FakeProcess:
+    """What spawnProcess returns, as far as the pool uses it."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.written: dict[int, bytes] = {}
+        self.signals: list[str] = []
+        self.exited = False
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.written[fd] = self.written.get(fd, b"") + data
+
+    def signalProcess(self, name: str) -> None:
+        if self.exited:
+            raise ProcessExitedAlready()
+        self.signals.append(name)
+
+
+class FakePort:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+class FakeListener:
+    def __init__(self, fd: int) -> None:
+        self.port = FakePort(fd)
+
+
+class Spawner:
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+        self.next_pid = 1000
+
+    def __call__(self, protocol, executable, args, env, childFDs):
+        self.next_pid += 1
+        process = FakeProcess(self.next_pid)
+        self.calls.append({"protocol": protocol, "process": process, "executable": executable,
+                           "args": args, "env": env, "fds": childFDs})
+        protocol.makeConnection(process)
+        return process
+
+    def end(self, call: dict, reason=None) -> None:
+        call["process"].exited = True
+        call["protocol"].processEnded(Failure(reason or ProcessTerminated(signal=9)))
+
+
+@pytest.fixture
+def pool():
+    clock = Clock()
+    spawner = Spawner()
+    config = evolve(GatewayConfig(), workers=3, listen=("tcp:1", "tcp:2"))
+    environ = {"PATH": "/bin", "LISTEN_FDS": "1", "LISTEN_PID": "1", "LISTEN_FDNAMES": "x"}
+    made = WorkerPool(clock, config, [FakeListener(7), FakeListener(9)], spawn=spawner,
+                      environ=environ)
+    made.startService()
+    yield made, clock, spawner
+    if made.running:
+        made.stopService()
+
+
+def test_the_pool_starts_n_minus_one_workers_with_the_sockets_and_the_config(pool):
+    made, _, spawner = pool
+    assert [c["env"][WORKER_ENV] for c in spawner.calls] == ["3/1:4,5", "3/2:4,5"]
+    first = spawner.calls[0]
+    assert first["fds"] == {0: "w", 1: "r", 2: "r", CONFIG_FD: "w", 4: 7, 5: 9}
+    # systemd's variables describe the parent's descriptors, not the worker's
+    assert not any(k.startswith("LISTEN_") for k in first["env"]) and first["env"]["PATH"] == "/bin"
+    assert first["args"][0] == first["executable"] and "lmgateway" in first["args"]
+    read, write = os.pipe()
+    os.write(write, first["process"].written[CONFIG_FD])
+    os.close(write)
+    assert read_config(read) == made.config
+    os.close(read)
+    assert sorted(made.pids()) == [1001, 1002]
+
+
+def test_a_dead_worker_is_started_again_after_a_pause_that_grows_while_it_dies_young(pool):
+    made, clock, spawner = pool
+    delays = []
+    for _ in range(7):
+        spawner.end(spawner.calls[-1] if len(spawner.calls) > 2 else spawner.calls[0])
+        before = len(spawner.calls)
+        delay = made.pending[1].getTime() - clock.seconds()
+        clock.advance(delay - 0.01)
+        assert len(spawner.calls) == before  # not yet
+        clock.advance(0.02)
+        assert len(spawner.calls) == before + 1
+        assert spawner.calls[-1]["env"][WORKER_ENV] == "3/1:4,5"  # the same slot
+        delays.append(delay)
+    assert delays == pytest.approx([RESTART_DELAY, 2, 4, 8, 16, MAX_RESTART_DELAY,
+                                    MAX_RESTART_DELAY])
+    clock.advance(60)  # this one lived long enough: the next restart is quick again
+    spawner.end(spawner.calls[-1])
+    assert made.pending[1].getTime() - clock.seconds() == pytest.approx(RESTART_DELAY)
+    assert made.restarts == 8
+
+
+def test_stopping_sends_sigterm_waits_for_every_worker_then_kills_stragglers(pool):
+    made, clock, spawner = pool
+    stopped = made.stopService()
+    assert [c["process"].signals for c in spawner.calls] == [["TERM"], ["TERM"]]
+    fired: list = []
+    stopped.addBoth(fired.append)
+    spawner.end(spawner.calls[0], ProcessDone(0))
+    assert fired == [] and spawner.calls[0]["protocol"].alive is False
+    clock.advance(STOP_TIMEOUT)
+    assert spawner.calls[1]["process"].signals == ["TERM", "KILL"]
+    spawner.end(spawner.calls[1])
+    assert fired == [None]
+    assert len(spawner.calls) == 2 and not made.pending  # nothing restarted while stopping
+
+
+def test_stopping_cancels_a_pending_restart(pool):
+    made, clock, spawner = pool
+    spawner.end(spawner.calls[0])
+    call = made.pending[1]
+    made.stopService()
+    assert not call.active()
+    clock.advance(MAX_RESTART_DELAY)
+    assert len(spawner.calls) == 2
+
+
+def test_the_pool_forwards_sighup_and_gives_the_handler_back(pool):
+    made, _, spawner = pool
+    made.signal_all("HUP")
+    assert [c["process"].signals for c in spawner.calls] == [["HUP"], ["HUP"]]
+    spawner.calls[0]["process"].exited = True
+    made.signal_all("HUP")  # one that already ended is skipped, not an error
+    assert spawner.calls[1]["process"].signals == ["HUP", "HUP"]
+    assert signal.getsignal(signal.SIGHUP) is not made._previous_hup
+    made.stopService()
+    assert signal.getsignal(signal.SIGHUP) == (made._previous_hup or signal.SIG_DFL)
+
+
+def test_worker_output_goes_into_the_parent_log_line_by_line_without_its_stamp(pool, monkeypatch):
+    _, _, spawner = pool
+    seen = []
+    monkeypatch.setattr(workers.log, "info", lambda fmt, **kw: seen.append(kw))
+    protocol = spawner.calls[0]["protocol"]
+    protocol.childDataReceived(1, b"2026-12-02T01:51:38+0000 [ns#info] one\n2026-12-02T01:5")
+    protocol.childDataReceived(1, b"1:39+0000 [ns#info] two\n")
+    assert [kw["line"] for kw in seen] == ["[ns#info] one", "[ns#info] two"]
+    assert {kw["index"] for kw in seen} == {1}
+
+
+def test_a_worker_reads_its_role_and_its_config():
+    assert role_from_environment({}) is None
+    role = role_from_environment({WORKER_ENV: "4/2:4,5"})
+    assert role == WorkerRole(2, 4, (4, 5)) and not role.parent
+    assert WorkerRole(0, 2).parent
+    assert WorkerRole(1, 2).health() == {"index": 1, "pid": os.getpid(), "workers": 2}
+    config = evolve(GatewayConfig(), workers=2, admin_token="a-secret-admin-token")
+    read, write = os.pipe()
+    os.write(write, encode_config(config)[:5])
+    os.close(write)
+    with pytest.raises(SystemExit, match="parent went away"):
+        read_config(read)  # a parent that died mid-way: one line, not a pickle error
+    os.close(read)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_worker_stops_its_reactor_when_the_parent_pipe_closes(reactor):
+    read, write = os.pipe()
+    stopped = Deferred()
+
+    class Reactor:
+        """The real reactor for reading, a stand-in for stopping."""
+
+        def __getattr__(self, name):
+            return getattr(reactor, name)
+
+        def stop(self):
+            stopped.callback(None)
+
+    lifeline = workers.Lifeline(Reactor(), read)
+    lifeline.startService()
+    os.write(write, b"ignored")
+    os.close(write)  # the parent is gone
+    yield stopped
+    lifeline.stopService()
+    with pytest.raises(OSError):
+        os.fstat(read)  # closed
+
+
+@pytest.mark.parametrize("description, refused", [
+    ("tcp:8080:interface=127.0.0.1", False), ("tcp6:8080", False), ("8080", False),
+    ("unix:/run/lmgw.sock", False), ("systemd:domain=INET:name=lmgateway", False),
+    ("ssl:8443:privateKey=k.pem", True), ("TLS:8443", True), ("le:/x:tcp:80", True),
+])
+def test_which_endpoints_workers_can_share(description, refused):
+    assert unshareable(description) is refused
+
+
+def test_the_workers_setting_and_the_endpoints_it_refuses():
+    assert build_config({}, {}).workers == 1
+    assert build_config({"workers": "4"}, {}).workers == 4
+    assert build_config({}, {"GATEWAY_WORKERS": "2"}).workers == 2
+    for bad in ("0", "65", "two", "-1"):
+        with pytest.raises(ConfigError, match="^--workers: .* is not a whole number from 1 to 64"):
+            build_config({"workers": bad}, {})
+    tls = f"ssl:8443:privateKey={PEM}"  # a real key: the endpoint must parse
+    with pytest.raises(ConfigError) as refused:
+        build_config({"workers": "2", "listen": (tls,)}, {})
+    assert str(refused.value).startswith(f"--workers 2: {tls!r} cannot be shared by worker "
+                                         "processes")
+    # one process may listen on anything
+    assert build_config({"listen": (tls,)}, {}).workers == 1
+
+
+def test_with_several_workers_tab_routes_and_tab_only_sessions_answer_503():
+    gw = StubGateway(workers=2)
+    answer = gw.call("POST", "/tab/poll", {"session_name": "team-alpha"})
+    assert (answer.status, answer.code) == (503, "TAB_MODE_OFF")
+    assert "--workers 1" in answer.json()["error"]["message"]
+    gw.register(upstream="tab")
+    answer = gw.call("POST", "/v1/chat/completions",
+                     {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                     {"X-Session-Name": "team-alpha", "Content-Type": "application/json"})
+    assert (answer.status, answer.code) == (503, "TAB_MODE_OFF")
+    # one process without a tab registry keeps its plain 404
+    assert StubGateway().call("POST", "/tab/poll", {}).status == 404
