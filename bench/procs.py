@@ -114,6 +114,7 @@ class Proc:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             env=environment, cwd=workdir)
         self.pid = self.process.pid
+        self.workers: tuple[int, ...] = ()  # a gateway's worker processes (--workers)
 
     def check(self) -> None:
         if self.process.poll() is not None:
@@ -146,18 +147,33 @@ def start_bridge(workdir: Path, name: str, *, chunks: int, delay_ms: float) -> t
 
 
 def start_gateway(workdir: Path, name: str, bridge_url: str, storage: Path,
-                  timeout: float = 120.0, extra: tuple[str, ...] = ()) -> tuple[Proc, str]:
+                  timeout: float = 120.0, extra: tuple[str, ...] = (),
+                  workers: int = 1) -> tuple[Proc, str]:
+    """The gateway; with ``workers`` > 1 it returns once every worker has answered."""
     port = free_port()
+    if workers > 1:
+        extra = (*extra, "--workers", str(workers))
     proc = Proc(name, [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "lmgateway",
                        "--listen", f"tcp:{port}:interface=127.0.0.1:backlog=4096",
                        "--bridge-url", bridge_url, "--storage", str(storage), *extra], workdir)
     url = f"http://127.0.0.1:{port}"
+    answered: set[int] = set()
 
     def up():
         proc.check()
-        return get(url + "/health")[0] == 200
+        status, body = get(url + "/health")
+        if status != 200:
+            return False
+        if workers > 1:
+            answered.add(json.loads(body)["worker"]["pid"])
+        return len(answered) >= workers or workers == 1
 
     started(proc, up, timeout, f"the gateway {name}")
+    if workers > 1:
+        proc.workers = tuple(children(proc.pid))
+        if len(proc.workers) != workers - 1:
+            proc.stop()
+            raise RuntimeError(f"{name}: expected {workers - 1} workers, found {proc.workers}")
     return proc, url
 
 

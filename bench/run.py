@@ -32,6 +32,7 @@ import workloads  # noqa: E402
 from procs import BENCH, raise_fd_limit, register, start_bridge, start_gateway, start_nginx  # noqa: E402
 
 PATHS = ("direct", "nginx", "gateway")
+WORKERS_PATH = workloads.WORKERS_PATH
 FD_HEADROOM = 200  # listening sockets, logs, the store, epoll, pipes
 # Workload 3 opens its streams 1000 a second (issue 16: "1 000 streams opened within a
 # second"); the streams' first events then measure how fast a path sets streams up.
@@ -48,6 +49,11 @@ class Settings:
     sessions: int
     concurrency: tuple[int, ...] = (1, 50, 200)
     workloads: tuple[str, ...] = ("1", "2", "3", "4")
+    workers: int = 2  # a fourth path: the gateway with --workers N (1: none)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return PATHS + ((WORKERS_PATH,) if self.workers > 1 else ())
 
 
 def machine() -> dict:
@@ -157,23 +163,29 @@ def summary_rows(settings: Settings) -> list[tuple[str, str, str, dict]]:
 
 
 def table(meds: dict, settings: Settings, spec=None) -> str:
-    header = (f"{'workload':<38}{'direct':>9}{'nginx':>9}{'gateway':>9}"
-              f"{'ngx/dir':>9}{'gw/dir':>9}{'gw/ngx':>9}")
+    workers = settings.workers > 1
+    extra = f"{'gw-w' + str(settings.workers):>9}" if workers else ""
+    extra_ratios = (f"{'w/dir':>9}{'w/ngx':>9}{'w/gw':>9}") if workers else ""
+    header = (f"{'workload':<38}{'direct':>9}{'nginx':>9}{'gateway':>9}{extra}"
+              f"{'ngx/dir':>9}{'gw/dir':>9}{'gw/ngx':>9}{extra_ratios}")
     lines = [header, "-" * len(header)]
     for case, key, label, override in rows(settings) if spec is None else spec:
         if case not in meds:
             continue
         values = []
-        for path in PATHS:
+        for path in settings.paths:
             got = meds[case].get(override.get(path, path), {})
             values.append(got.get(key))
         if all(v is None for v in values):
             continue
-        direct, nginx, gateway = values
+        direct, nginx, gateway = values[:3]
         ratio = lambda a, b, key=key: (  # noqa: E731
             None if a is None or not b or key.startswith("added") else a / b)
         cells = [fmt(v) for v in values] + [fmt(ratio(nginx, direct)), fmt(ratio(gateway, direct)),
                                             fmt(ratio(gateway, nginx))]
+        if workers:
+            cells += [fmt(ratio(values[3], direct)), fmt(ratio(values[3], nginx)),
+                      fmt(ratio(values[3], gateway))]
         lines.append(f"{label:<38}" + "".join(f"{c:>9}" for c in cells))
     return "\n".join(lines)
 
@@ -219,16 +231,18 @@ def ratio_targets(meds: dict, settings: Settings) -> list[tuple[str, str, bool]]
     def get(case, path, key):
         return meds.get(case, {}).get(path, {}).get(key)
 
-    for script in ("models", "chat"):
-        gw, nginx = get(f"{script} c=50", "gateway", "rps"), get(f"{script} c=50", "nginx", "rps")
-        if gw and nginx:
-            checks.append((f"{script} c=50 throughput >= 0.10 of nginx (aim 0.12)",
-                           f"{gw / nginx:.2f}", gw / nginx >= 0.10))
-    for case, limit in (("stream c=200", 1.5), (f"open {settings.streams}", 1.3)):
-        gw, direct = get(case, "gateway", "ttfb_p50_ms"), get(case, "direct", "ttfb_p50_ms")
-        if gw and direct:
-            checks.append((f"{case} TTFB p50 within {limit}x direct", f"{gw / direct:.2f}x",
-                           gw / direct <= limit))
+    for path in settings.paths[2:]:
+        who = "" if path == "gateway" else f" ({path}{settings.workers})"
+        for script in ("models", "chat"):
+            gw, nginx = get(f"{script} c=50", path, "rps"), get(f"{script} c=50", "nginx", "rps")
+            if gw and nginx:
+                checks.append((f"{script} c=50 throughput >= 0.10 of nginx (aim 0.12){who}",
+                               f"{gw / nginx:.2f}", gw / nginx >= 0.10))
+        for case, limit in (("stream c=200", 1.5), (f"open {settings.streams}", 1.3)):
+            gw, direct = get(case, path, "ttfb_p50_ms"), get(case, "direct", "ttfb_p50_ms")
+            if gw and direct:
+                checks.append((f"{case} TTFB p50 within {limit}x direct{who}",
+                               f"{gw / direct:.2f}x", gw / direct <= limit))
     return checks
 
 
@@ -241,6 +255,8 @@ def parse_args(argv=None) -> Settings:
     parser.add_argument("--rate", type=float, help="workload 3: new streams per second")
     parser.add_argument("--sessions", type=int, help="workload 4: sessions in the store")
     parser.add_argument("--only", default="1,2,3,4", help="workloads to run, e.g. 1,3")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="also run a gateway with --workers N (1: only the one-process gateway)")
     args = parser.parse_args(argv)
     values = dict(QUICK if args.quick else FULL)
     for key in values:
@@ -248,12 +264,17 @@ def parse_args(argv=None) -> Settings:
             values[key] = type(values[key])(getattr(args, key))
     if values["runs"] < 1 or values["streams"] < 1 or values["sessions"] < 2:
         parser.error("--runs and --streams must be >= 1, --sessions >= 2")
-    return Settings(workloads=tuple(args.only.replace(" ", "").split(",")), **values)
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    return Settings(workloads=tuple(args.only.replace(" ", "").split(",")),
+                    workers=args.workers, **values)
 
 
-def start_paths(workdir: Path, prefix: str, procs: list, *, delay_ms: float) -> dict:
-    """A fake bridge, nginx in front of it and a gateway in front of it; ``procs`` gets
-    each as it starts, so a failure later still stops them."""
+def start_paths(workdir: Path, prefix: str, procs: list, *, delay_ms: float,
+                workers: int = 1) -> dict:
+    """A fake bridge, nginx in front of it and a gateway in front of it (and a second
+    gateway with ``workers`` processes); ``procs`` gets each as it starts, so a failure
+    later still stops them."""
     name = (prefix + "-") if prefix else ""
     bridge, bridge_url = start_bridge(workdir, name + "bridge", chunks=workloads.STREAM_CHUNKS,
                                       delay_ms=delay_ms)
@@ -264,9 +285,17 @@ def start_paths(workdir: Path, prefix: str, procs: list, *, delay_ms: float) -> 
                                          workdir / f"{name}sessions.sqlite3")
     procs.append(gateway)
     register(gateway_url)
-    return {"direct": workloads.Target(bridge_url, bridge.pid),
-            "nginx": workloads.Target(nginx_url, worker),
-            "gateway": workloads.Target(gateway_url, gateway.pid)}
+    paths = {"direct": workloads.Target(bridge_url, bridge.pid),
+             "nginx": workloads.Target(nginx_url, worker),
+             "gateway": workloads.Target(gateway_url, gateway.pid)}
+    if workers > 1:
+        several, several_url = start_gateway(workdir, name + "gateway-w", bridge_url,
+                                             workdir / f"{name}sessions-w.sqlite3",
+                                             workers=workers)
+        procs.append(several)
+        register(several_url)
+        paths[WORKERS_PATH] = workloads.Target(several_url, several.pid, several.workers)
+    return paths
 
 
 def main(argv=None) -> int:
@@ -284,7 +313,8 @@ def main(argv=None) -> int:
             f"is {fd_limit} (raising it needs CAP_SYS_RESOURCE); the most this machine can "
             f"hold is --streams {(fd_limit - FD_HEADROOM) // 2 // 100 * 100}")
     started = time.monotonic()
-    log = lambda text: print(f"[{time.monotonic() - started:6.0f}s] {text}", flush=True)  # noqa: E731
+    log = lambda text: print(f"[{time.monotonic() - started:6.0f}s load {loadavg():.1f}] {text}",  # noqa: E731
+                             flush=True)
     info = dict(machine(), loadavg_start=loadavg(), fd_limit=fd_limit)
     log(f"machine: {info}")
     results: dict = {}
@@ -292,12 +322,14 @@ def main(argv=None) -> int:
     procs = []
     try:
         if {"1", "2", "4"} & set(settings.workloads):
-            paths = start_paths(workdir, "", procs, delay_ms=workloads.STREAM_DELAY_MS)
+            paths = start_paths(workdir, "", procs, delay_ms=workloads.STREAM_DELAY_MS,
+                                workers=settings.workers)
             bridge_url = paths["direct"].url
             if "1" in settings.workloads:
                 results.update(workloads.w1_request_rate(paths, settings, workdir, log))
             if "2" in settings.workloads:
-                fast = start_paths(workdir, "fast", procs, delay_ms=0.0)
+                fast = start_paths(workdir, "fast", procs, delay_ms=0.0,
+                                   workers=settings.workers)
                 results.update(workloads.w2_streaming(paths, settings, log, fast=fast))
             if "4" in settings.workloads:
                 results.update(workloads.w4_sessions(paths, bridge_url, settings, workdir, log))
@@ -320,7 +352,8 @@ def main(argv=None) -> int:
     print(f"{info['nproc']} x {info['cpu']}, {info['ram']} RAM, Python {info['python']}, "
           f"Twisted {info['twisted']}, nginx {info['nginx']}, {info['wrk']}, {info['date']}, "
           f"commit {info['commit']}, "
-          f"{settings.runs} run(s) each, median; load average {info['loadavg_start']:.2f} "
+          f"{settings.runs} run(s) each, median; gw-w{settings.workers}: the gateway with "
+          f"--workers {settings.workers}; load average {info['loadavg_start']:.2f} "
           f"-> {info['loadavg_end']:.2f}")
     print(text)
     print()

@@ -21,18 +21,29 @@ from procs import BENCH, ROOT, proc_stats, register, start_bridge, start_gateway
 WRK_DIR = BENCH / "wrk"
 STREAM_CHUNKS = 20  # workload 2: 20 chunks, 10 ms apart
 STREAM_DELAY_MS = 10.0
+WORKERS_PATH = "gateway-w"  # the gateway with --workers N (bench/run.py --workers)
 
 
 @frozen
 class Target:
-    """One way to reach the bridge: its URL, extra headers, and the process doing the work."""
+    """One way to reach the bridge: its URL and the process(es) doing the work (a gateway
+    with --workers: its parent first, then the workers it started)."""
 
     url: str
     pid: int
+    workers: tuple[int, ...] = ()
 
     @property
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1])
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return (self.pid, *self.workers)
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of every process serving this path."""
+        return sum(proc_stats(pid)["cpu_s"] for pid in self.pids)
 
 
 def events_for(chunks: int) -> int:
@@ -41,19 +52,19 @@ def events_for(chunks: int) -> int:
 
 
 def wrk(target: Target, script: str, concurrency: int, duration: float, workdir: Path,
-        watch: dict[str, int]) -> dict:
+        watch: dict[str, Target]) -> dict:
     """One wrk run; requests/s, latency percentiles in ms, and CPU% of the watched pids."""
     combined = workdir / f"wrk-{script}.lua"
     if not combined.exists():
         combined.write_text((WRK_DIR / f"{script}.lua").read_text()
                             + (WRK_DIR / "report.lua").read_text())
     threads = min(2, concurrency)
-    before = {name: proc_stats(pid)["cpu_s"] for name, pid in watch.items()}
+    before = {name: t.cpu_s() for name, t in watch.items()}
     command = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{duration:g}s",
                "--timeout", "10s", "--latency", "-s", str(combined), target.url]
     out = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60,
                          check=True).stdout
-    cpu_s = {name: proc_stats(pid)["cpu_s"] - before[name] for name, pid in watch.items()}
+    cpu_s = {name: t.cpu_s() - before[name] for name, t in watch.items()}
     cpu = {name: 100.0 * used / duration for name, used in cpu_s.items()}
     line = next(line for line in out.splitlines() if line.startswith("WRK_JSON "))
     raw = json.loads(line[len("WRK_JSON "):])
@@ -79,7 +90,7 @@ def loadgen(target: Target, mode: str, *, events: int, extra: list[str],
 
 def w1_request_rate(targets: dict[str, Target], settings, workdir: Path, log) -> dict:
     """GET /v1/models and non-streaming chat under wrk at each concurrency."""
-    watch = {name: t.pid for name, t in targets.items()}
+    watch = dict(targets)
     for target in targets.values():  # warm up: pools, caches, allocator
         for script in ("models", "chat"):
             wrk(target, script, 50, 1, workdir, {})
@@ -114,12 +125,12 @@ def w2_streaming(targets: dict[str, Target], settings, log, *,
     for rep in range(settings.runs):
         for case, paths, concurrency in plan:
             for name, target in paths.items():
-                before = proc_stats(target.pid)["cpu_s"]
+                before = target.cpu_s()
                 started = time.monotonic()
                 run = loadgen(target, "stream", events=events, timeout=settings.duration + 120,
                               extra=["--concurrency", str(concurrency),
                                      "--duration", str(settings.duration)])
-                used = proc_stats(target.pid)["cpu_s"] - before
+                used = target.cpu_s() - before
                 run["proxy_cpu_percent"] = 100.0 * used / (time.monotonic() - started)
                 run["proxy_cpu_s_per_1k"] = per_thousand(used, run["completed"])
                 run["proxy_cpu_s_per_1k_chunks"] = per_thousand(used, run["events"])
@@ -146,7 +157,7 @@ def w3_open_streams(settings, workdir: Path, log) -> dict:
     timeout = ramp + chunks + 120
     results: dict = {}
     for rep in range(settings.runs):
-        for name in ("direct", "nginx", "gateway"):
+        for name in settings.paths:
             run_dir = workdir / f"w3-{rep}-{name}"
             run_dir.mkdir()
             bridge, bridge_url = start_bridge(run_dir, "slow-bridge", chunks=chunks,
@@ -160,12 +171,13 @@ def w3_open_streams(settings, workdir: Path, log) -> dict:
                     procs.append(master)
                     target = Target(url, worker)
                 else:
+                    workers = settings.workers if name == WORKERS_PATH else 1
                     gateway, url = start_gateway(run_dir, "gateway", bridge_url,
-                                                 run_dir / "sessions.sqlite3")
+                                                 run_dir / "sessions.sqlite3", workers=workers)
                     procs.append(gateway)
                     register(url)
-                    target = Target(url, gateway.pid)
-                watched = [target.pid] + ([bridge.pid] if target.pid != bridge.pid else [])
+                    target = Target(url, gateway.pid, gateway.workers)
+                watched = list(target.pids) + ([bridge.pid] if target.pid != bridge.pid else [])
                 run = loadgen(target, "open", events=events, timeout=timeout + 60,
                               extra=["--streams", str(settings.streams),
                                      "--rate", str(settings.rate), "--timeout", str(timeout),
@@ -173,7 +185,10 @@ def w3_open_streams(settings, workdir: Path, log) -> dict:
             finally:
                 for proc in reversed(procs):
                     proc.stop()
-            proxy = run["procs"][str(target.pid)]
+            # Several workers: each one's growth, summed (each at its own peak).
+            serving = [run["procs"][str(pid)] for pid in target.pids]
+            proxy = {key: sum(p[key] for p in serving)
+                     for key in ("peak_rss_kib", "base_rss_kib", "cpu_s")}
             run["proxy_rss_per_stream_kib"] = (proxy["peak_rss_kib"] - proxy["base_rss_kib"]) \
                 / settings.streams
             run["proxy_base_rss_mib"] = proxy["base_rss_kib"] / 1024
@@ -206,7 +221,8 @@ def w4_sessions(targets: dict[str, Target], bridge_url: str, settings, workdir: 
     startup = time.monotonic() - started
     results: dict = {"startup": {"gateway-many": [{"seconds": startup,
                                                    "rss_mib": proc_stats(big.pid)["rss_kib"] / 1024}]}}
-    paths = dict(targets, **{"gateway-many": Target(url, big.pid)})
+    paths = {name: t for name, t in targets.items() if name != WORKERS_PATH}
+    paths["gateway-many"] = Target(url, big.pid)
     try:
         register(url)
         for target in paths.values():
@@ -216,7 +232,7 @@ def w4_sessions(targets: dict[str, Target], bridge_url: str, settings, workdir: 
                 case = f"sessions chat c={concurrency}"
                 for name, target in paths.items():
                     run = wrk(target, "chat", concurrency, settings.duration, workdir,
-                              {name: target.pid})
+                              {name: target})
                     results.setdefault(case, {}).setdefault(name, []).append(run)
                     log(f"w4 run {rep + 1} {case} {name}: {run['rps']:.0f} req/s "
                         f"p50 {run['p50_ms']:.2f} ms")

@@ -72,7 +72,7 @@ def test_settings_quick_and_overrides():
 
 
 def test_table_ratios_and_targets_from_medians():
-    settings = run.parse_args(["--runs", "3"])
+    settings = run.parse_args(["--runs", "3", "--workers", "1"])
     runs = {"models c=50": {
         "direct": [{"rps": 1000.0}, {"rps": 900.0}, {"rps": 1100.0}],
         "nginx": [{"rps": 800.0}] * 3,
@@ -112,7 +112,7 @@ def test_ratio_targets_read_throughput_against_nginx_and_ttfb_against_direct():
 
 
 def test_summary_is_the_issue_table_with_cpu_per_thousand():
-    settings = run.parse_args(["--runs", "1", "--streams", "1000"])
+    settings = run.parse_args(["--runs", "1", "--streams", "1000", "--workers", "1"])
     medians = {"chat c=50": {"direct": {"rps": 2000.0, "proxy_cpu_s_per_1k": 0.3},
                              "nginx": {"rps": 1800.0, "proxy_cpu_s_per_1k": 0.03},
                              "gateway": {"rps": 400.0, "proxy_cpu_s_per_1k": 0.9}}}
@@ -120,6 +120,35 @@ def test_summary_is_the_issue_table_with_cpu_per_thousand():
     assert [line.split()[-6:] for line in lines] == [
         ["2000", "1800", "400", "0.90", "0.20", "0.22"],
         ["0.30", "0.03", "0.90", "0.10", "3.00", "30.0"]]
+
+
+def test_the_workers_gateway_is_a_fourth_column_with_its_own_ratios_and_targets():
+    settings = run.parse_args(["--runs", "1", "--streams", "1000"])
+    assert settings.workers == 2 and settings.paths[-1] == run.WORKERS_PATH
+    medians = {"stream c=200": {"direct": {"ttfb_p50_ms": 10.0}, "nginx": {"ttfb_p50_ms": 20.0},
+                                "gateway": {"ttfb_p50_ms": 40.0},
+                                run.WORKERS_PATH: {"ttfb_p50_ms": 12.0}}}
+    text = run.table(medians, settings)
+    assert text.splitlines()[0].split()[1:] == [
+        "direct", "nginx", "gateway", "gw-w2", "ngx/dir", "gw/dir", "gw/ngx", "w/dir", "w/ngx",
+        "w/gw"]
+    line = next(line for line in text.splitlines() if line.startswith("stream c=200  TTFB p50"))
+    assert line.split()[-10:] == ["10.0", "20.0", "40.0", "12.0", "2.00", "4.00", "2.00",
+                                  "1.20", "0.60", "0.30"]
+    assert run.ratio_targets(medians, settings) == [
+        ("stream c=200 TTFB p50 within 1.5x direct", "4.00x", False),
+        ("stream c=200 TTFB p50 within 1.5x direct (gateway-w2)", "1.20x", True)]
+
+
+def test_a_workers_target_counts_the_cpu_of_every_process():
+    import os
+
+    import workloads
+
+    alone = workloads.Target("http://127.0.0.1:1", os.getpid())
+    doubled = workloads.Target("http://127.0.0.1:1", os.getpid(), (os.getpid(),))
+    assert doubled.pids == (os.getpid(), os.getpid())
+    assert doubled.cpu_s() >= 2 * alone.cpu_s() > 0
 
 
 def test_cpu_per_thousand_and_the_events_a_run_counted():
