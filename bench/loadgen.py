@@ -257,7 +257,10 @@ async def stream_mode(args, request: bytes) -> dict:
             client.transport.close()
 
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-    return digest(done, errors)
+    result = digest(done, errors)
+    if args.gaps:  # every gap, for pooling over runs (bench/chunk_delay.py)
+        result["gaps_ms"] = [round(g * 1000, 4) for s in done for g in s["gaps"]]
+    return result
 
 
 def proc_sample(pid: int) -> dict:
@@ -348,6 +351,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=1000.0, help="open mode: new streams/s")
     parser.add_argument("--watch", type=int, action="append", default=[], metavar="PID")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per stream")
+    parser.add_argument("--gaps", action="store_true", help="stream mode: list every gap")
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         parser.error("the benchmark only sends loopback traffic")

@@ -25,7 +25,14 @@ from .status.probe import BridgeProber
 from .store import open_store, secret_source
 from .tabs import TabRegistry
 from .tokens import RegistrationTokens
-from .workers import AdoptedListener, Lifeline, WorkerPool, WorkerRole
+from .workers import (
+    AdoptedListener,
+    Lifeline,
+    ReusePortListener,
+    WorkerPool,
+    WorkerRole,
+    reuse_port_for,
+)
 
 log = Logger()
 DAY = 86400.0
@@ -246,14 +253,17 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None,
         lifeline = Lifeline(reactor)
         lifeline.setName("lifeline")
         lifeline.setServiceParent(root)
-        for index, fd in enumerate(worker.fds):
-            adopted = AdoptedListener(reactor, fd, site)
-            adopted.setName(f"listen-{index}")
-            adopted.setServiceParent(root)
+        adopted: list[Service] = [AdoptedListener(reactor, fd, site) for fd in worker.fds]
+        adopted += [ReusePortListener(reactor, spec, site) for spec in worker.reuse]
+        for index, service in enumerate(adopted):
+            service.setName(f"listen-{index}")
+            service.setServiceParent(root)
         return root
-    listeners = []
+    listeners: list[Service] = []
     for index, description in enumerate(config.listen):
-        listener = Listener(serverFromString(reactor, description), site)
+        reuse = reuse_port_for(description) if worker is not None else None
+        listener: Service = Listener(serverFromString(reactor, description), site) \
+            if reuse is None else ReusePortListener(reactor, reuse, site)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(root)
         listeners.append(listener)

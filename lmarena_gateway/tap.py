@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from attrs import evolve
 from twisted.python import usage
 
 from .config import SETTINGS, ConfigError, GatewayConfig, build_config, prepare_daemon
@@ -49,7 +50,8 @@ class GatewayOptions(usage.Options):
         if self.worker is not None:
             # Started by a parent with --workers: its configuration, not ours, and its
             # sockets (the parent checked both).
-            self.config = read_config()
+            self.config, reuse = read_config()
+            self.worker = evolve(self.worker, reuse=reuse)
             return
         values = {key: value for key, value in self.items()}
         values["listen"] = tuple(self["listen"])

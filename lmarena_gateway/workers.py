@@ -69,12 +69,48 @@ def unshareable(description: str) -> bool:
 
 
 @frozen
+class ReusePort:
+    """A TCP address every worker binds a socket of its own to, with SO_REUSEPORT."""
+
+    family: int
+    host: str
+    port: int
+    backlog: int
+
+
+def reuse_port_for(description: str) -> ReusePort | None:
+    """The address of a plain TCP endpoint, or None: its socket is handed on instead.
+
+    With one shared listening socket every idle worker is woken for each connection and
+    the first awake takes all that are queued (Twisted accepts in a loop), so in practice
+    one worker takes nearly all of them. With SO_REUSEPORT the kernel spreads new
+    connections over the workers' sockets evenly. systemd's and Unix sockets are shared.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    if not hasattr(socket, "SO_REUSEPORT"):
+        return None
+    endpoint = serverFromString(None, description)
+    families = {"TCP4ServerEndpoint": socket.AF_INET, "TCP6ServerEndpoint": socket.AF_INET6}
+    family = families.get(type(endpoint).__name__)
+    if family is None:
+        return None
+    # Twisted's private attributes (tests/test_workers_unit.py pins them): a KeyError
+    # on an upgrade that renames them, never a silent wrong address.
+    fields = vars(endpoint)
+    host = fields["_interface"] or ("::" if family == socket.AF_INET6 else "")
+    return ReusePort(family, host, fields["_port"], fields["_backlog"])
+
+
+@frozen
 class WorkerRole:
-    """Which process this is: worker 0 is the parent; others adopt ``fds``."""
+    """Which process this is: worker 0 is the parent; others adopt ``fds`` (inherited
+    listening sockets) and bind their own sockets to ``reuse``."""
 
     index: int
     count: int
     fds: tuple[int, ...] = ()
+    reuse: tuple[ReusePort, ...] = ()
 
     @property
     def parent(self) -> bool:
@@ -98,7 +134,8 @@ def role_from_environment(environ) -> WorkerRole | None:
 
 
 def read_config(fd: int = CONFIG_FD):
-    """The parent's GatewayConfig; a blocking read, done before the reactor runs."""
+    """(the parent's GatewayConfig, the ReusePort addresses to bind); a blocking read,
+    done before the reactor runs."""
     def exactly(size: int) -> bytes:
         data = b""
         while len(data) < size:
@@ -113,8 +150,8 @@ def read_config(fd: int = CONFIG_FD):
     return pickle.loads(exactly(size))  # noqa: S301 - our own parent, over a private pipe
 
 
-def encode_config(config) -> bytes:
-    data = pickle.dumps(config)
+def encode_config(config, reuse: tuple[ReusePort, ...] = ()) -> bytes:
+    data = pickle.dumps((config, reuse))
     return _LENGTH.pack(len(data)) + data
 
 
@@ -164,6 +201,42 @@ class Lifeline(Service):
             self.pipe.stopReading()
 
 
+class ReusePortListener(Service):
+    """A TCP listener of this process's own, one of a SO_REUSEPORT group."""
+
+    def __init__(self, reactor, spec: ReusePort, factory) -> None:
+        self.reactor = reactor
+        self.spec = spec
+        self.factory = factory
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        from twisted.internet.error import CannotListenError
+
+        super().privilegedStartService()
+        sock = socket.socket(self.spec.family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted does
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self.spec.host, self.spec.port))
+            sock.listen(self.spec.backlog)
+            sock.setblocking(False)
+            self.port = self.reactor.adoptStreamPort(sock.fileno(), self.spec.family,
+                                                     self.factory)
+        except OSError as e:
+            raise CannotListenError(self.spec.host, self.spec.port, e) from None
+        finally:
+            sock.close()  # adoptStreamPort made its own copy
+        # tcp:0 picks a port: the workers must join the one the parent got.
+        self.spec = ReusePort(self.spec.family, self.spec.host, self.port.getHost().port,
+                              self.spec.backlog)
+        log.info("listening on {address} (SO_REUSEPORT)", address=self.port.getHost())
+
+    def stopService(self):
+        super().stopService()
+        return self.port.stopListening() if self.port is not None else succeed(None)
+
+
 class AdoptedListener(Service):
     """In a worker: serve on a listening socket inherited from the parent."""
 
@@ -203,7 +276,8 @@ class _Worker(ProcessProtocol):
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
-        self.transport.writeToChild(CONFIG_FD, encode_config(self.pool.config))
+        self.transport.writeToChild(CONFIG_FD, encode_config(self.pool.config,
+                                                             self.pool.reuse()))
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         # A worker logs to its stdout; its lines go into the parent's log, one by one.
@@ -268,7 +342,13 @@ class WorkerPool(Service):
             self.start_worker(index)
 
     def fds(self) -> list[int]:
-        return [listener.port.fileno() for listener in self.listeners]
+        """The listening sockets handed to workers as they are (systemd's, Unix ones)."""
+        return [listener.port.fileno() for listener in self.listeners
+                if not isinstance(listener, ReusePortListener)]
+
+    def reuse(self) -> tuple[ReusePort, ...]:
+        return tuple(listener.spec for listener in self.listeners
+                     if isinstance(listener, ReusePortListener))
 
     def start_worker(self, index: int) -> _Worker:
         self.pending.pop(index, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 
 import pytest
 import pytest_twisted
@@ -110,7 +111,7 @@ def test_the_pool_starts_n_minus_one_workers_with_the_sockets_and_the_config(poo
     read, write = os.pipe()
     os.write(write, first["process"].written[CONFIG_FD])
     os.close(write)
-    assert read_config(read) == made.config
+    assert read_config(read) == (made.config, ())
     os.close(read)
     assert sorted(made.pids()) == [1001, 1002]
 
@@ -221,6 +222,52 @@ def test_a_worker_stops_its_reactor_when_the_parent_pipe_closes(reactor):
     lifeline.stopService()
     with pytest.raises(OSError):
         os.fstat(read)  # closed
+
+
+def test_plain_tcp_endpoints_get_an_address_of_their_own_in_each_worker():
+    """Twisted's private endpoint attributes: this fails loudly if an upgrade renames them."""
+    assert workers.reuse_port_for("tcp:8080:interface=127.0.0.1:backlog=77") == \
+        workers.ReusePort(socket.AF_INET, "127.0.0.1", 8080, 77)
+    assert workers.reuse_port_for("tcp6:0:interface=\\:\\:1") == \
+        workers.ReusePort(socket.AF_INET6, "::1", 0, 50)
+    assert workers.reuse_port_for("unix:/run/lmgw.sock") is None  # handed on as it is
+
+
+@pytest_twisted.inlineCallbacks
+def test_reuse_port_listeners_share_one_port_and_tell_the_workers_which(reactor):
+    from twisted.internet.protocol import Factory, Protocol
+
+    factory = Factory.forProtocol(Protocol)
+    first = workers.ReusePortListener(reactor, workers.ReusePort(socket.AF_INET, "127.0.0.1",
+                                                                 0, 5), factory)
+    first.privilegedStartService()
+    chosen = first.spec.port
+    assert chosen != 0  # tcp:0: the port the parent got, for the workers to join
+    second = workers.ReusePortListener(reactor, first.spec, factory)
+    second.privilegedStartService()
+    assert second.port.getHost().port == chosen
+    with socket.socket() as probe:  # anyone not in the group is refused
+        with pytest.raises(OSError):
+            probe.bind(("127.0.0.1", chosen))
+    yield first.stopService()
+    yield second.stopService()
+
+
+def test_the_pool_hands_reuse_port_addresses_in_the_config_not_as_sockets():
+    spec = workers.ReusePort(socket.AF_INET, "127.0.0.1", 8080, 50)
+    listener = workers.ReusePortListener(Clock(), spec, None)
+    spawner = Spawner()
+    made = WorkerPool(Clock(), evolve(GatewayConfig(), workers=2), [listener, FakeListener(7)],
+                      spawn=spawner, environ={})
+    made.startService()
+    (call,) = spawner.calls
+    assert call["fds"] == {0: "w", 1: "r", 2: "r", CONFIG_FD: "w", 4: 7}
+    read, write = os.pipe()
+    os.write(write, call["process"].written[CONFIG_FD])
+    os.close(write)
+    assert read_config(read)[1] == (spec,)
+    os.close(read)
+    made.stopService()
 
 
 @pytest.mark.parametrize("description, refused", [
