@@ -174,9 +174,9 @@ class GatewayService(MultiService):
 
 
 def make_service(config: GatewayConfig, reactor, *, client=None, store=None,
-                 worker: WorkerRole | None = None) -> MultiService:
+                 worker: WorkerRole | None = None, environ=None) -> MultiService:
     """The daemon; ``worker`` says which of ``--workers`` processes this is (None: the
-    parent, or the only one)."""
+    parent, or the only one); ``environ`` is what the parent's workers inherit."""
     root = GatewayService()
     if worker is None and config.workers > 1:
         worker = WorkerRole(0, config.workers)
@@ -269,7 +269,7 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None,
         listeners.append(listener)
     if worker is not None:
         # Started after the listeners are bound, stopped before they close.
-        pool = WorkerPool(reactor, config, listeners)
+        pool = WorkerPool(reactor, config, listeners, environ=environ or {})
         pool.setName("workers")
         pool.setServiceParent(root)
     if not config.log_requests:

@@ -132,4 +132,5 @@ def makeService(options: GatewayOptions, reactor=None):
         Logger().warn("unknown variable {name} ignored: no setting reads it (a typo?)",
                       name=name)
     assert options.config is not None, "postOptions builds the config"
-    return make_service(options.config, reactor, worker=getattr(options, "worker", None))
+    return make_service(options.config, reactor, worker=getattr(options, "worker", None),
+                        environ=options.environ)

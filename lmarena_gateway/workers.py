@@ -306,17 +306,18 @@ class WorkerPool(Service):
     """In the parent: N-1 workers, restarted when they die, stopped with the parent.
 
     ``spawn`` is ``reactor.spawnProcess``'s signature (tests pass a double);
-    ``listeners`` are the parent's Listener services, bound before this starts.
+    ``listeners`` are the parent's Listener services, bound before this starts;
+    ``environ`` is what the workers inherit, less systemd's socket variables.
     """
 
-    def __init__(self, reactor, config, listeners, *, spawn=None,
-                 command: Callable[[], list[str]] = worker_command, environ=None) -> None:
+    def __init__(self, reactor, config, listeners, *, environ, spawn=None,
+                 command: Callable[[], list[str]] = worker_command) -> None:
         self.reactor = reactor
         self.config = config
         self.listeners = listeners
         self.spawn = spawn if spawn is not None else reactor.spawnProcess
         self.command = command
-        self.environ = os.environ if environ is None else environ
+        self.environ = environ  # the daemon's environment (tap.py reads it), for the workers
         self.workers: dict[int, _Worker] = {}
         self.delays: dict[int, float] = {}
         self.pending: dict[int, Any] = {}  # index -> the delayed call restarting it
