@@ -140,15 +140,14 @@ def test_the_workers_gateway_is_a_fourth_column_with_its_own_ratios_and_targets(
         ("stream c=200 TTFB p50 within 1.5x direct (gateway-w2)", "1.20x", True)]
 
 
-def test_a_workers_target_counts_the_cpu_of_every_process():
-    import os
-
+def test_a_workers_target_counts_the_cpu_of_every_process(monkeypatch):
     import workloads
 
-    alone = workloads.Target("http://127.0.0.1:1", os.getpid())
-    doubled = workloads.Target("http://127.0.0.1:1", os.getpid(), (os.getpid(),))
-    assert doubled.pids == (os.getpid(), os.getpid())
-    assert doubled.cpu_s() >= 2 * alone.cpu_s() > 0
+    cpu = {10: 1.5, 11: 0.25, 12: 0.5}
+    monkeypatch.setattr(workloads, "proc_stats", lambda pid: {"cpu_s": cpu[pid]})
+    several = workloads.Target("http://127.0.0.1:1", 10, (11, 12))
+    assert several.pids == (10, 11, 12) and several.cpu_s() == 2.25
+    assert workloads.Target("http://127.0.0.1:1", 10).cpu_s() == 1.5
 
 
 def test_cpu_per_thousand_and_the_events_a_run_counted():
