@@ -49,7 +49,13 @@ def pinned_to_each_worker(port: int, count: int) -> dict[int, Pinned]:
 
     def more():
         conn = Pinned(port)
-        pid = conn.health()["worker"]["pid"]
+        try:
+            pid = conn.health()["worker"]["pid"]
+        except ConnectionResetError:
+            # A connection the kernel queued for a worker that ended before accepting it
+            # is reset (SO_REUSEPORT: each worker has its own queue); open another.
+            conn.close()
+            return False
         if pid in found:
             conn.close()
         else:
@@ -123,7 +129,8 @@ def test_a_killed_worker_is_replaced(daemon_factory):
     wait_for(lambda: not alive(child), DEADLINE, what="the killed worker to end")
     replaced = pinned_to_each_worker(daemon.port, 2)
     assert daemon.process.pid in replaced and child not in replaced
-    assert "starting it again" in daemon.log()
+    # once: the one killed, not a replacement dying in a loop
+    assert daemon.log().count("starting it again") == 1, daemon.log()
     for conn in replaced.values():
         conn.close()
 
