@@ -78,7 +78,7 @@ def wheelhouse(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("wheelhouse")
     source = base / "src"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", "build", "dist", "*.egg-info", ".venv", "storage", "__pycache__", "*.pyc",
+        ".git", "build", "dist", "*.egg-info", ".venv*", "storage", "__pycache__", "*.pyc",
         ".pytest_cache", ".hypothesis", "dropin.cache", "bench"))
     wheels = base / "wheels"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
