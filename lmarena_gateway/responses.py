@@ -165,6 +165,7 @@ class ResponseShape:
     def __init__(self, body: dict, clock) -> None:
         self.id = "resp_" + uuid.uuid4().hex
         self.message_id = "msg_" + uuid.uuid4().hex
+        self.reasoning_id = "rs_" + uuid.uuid4().hex
         self.created_at = int(clock.seconds())
         self.body = body
         self.model = body["model"]
@@ -174,6 +175,13 @@ class ResponseShape:
                 "role": "assistant",
                 "content": [{"type": "output_text", "text": text, "annotations": []}]}
 
+    def reasoning(self, text: str, status: str) -> dict:
+        """The upstream's ``reasoning_content`` as OpenAI's reasoning item: its raw text
+        in ``content``, no summary (LMArena gives none), nothing encrypted."""
+        return {"type": "reasoning", "id": self.reasoning_id, "status": status, "summary": [],
+                "content": [{"type": "reasoning_text", "text": text}],
+                "encrypted_content": None}
+
     def response(self, status: str, *, output: list, usage=None, finish=None) -> dict:
         body = self.body
         reason = _INCOMPLETE.get(finish)
@@ -182,7 +190,8 @@ class ResponseShape:
         return {
             "id": self.id, "object": "response", "created_at": self.created_at,
             "status": status, "model": self.model, "output": output,
-            "output_text": "".join(part["text"] for item in output for part in item["content"]),
+            "output_text": "".join(part["text"] for item in output if item["type"] == "message"
+                                   for part in item["content"]),
             "usage": usage, "error": None,
             "incomplete_details": {"reason": reason} if reason else None,
             "instructions": body.get("instructions"),
@@ -209,6 +218,8 @@ class Translator:
         self._stream = stream
         self._pending = b""  # the unfinished SSE event, or the JSON answer so far
         self._text: list[str] = []
+        self._thought: list[str] = []
+        self._indexes: dict[str, int] = {}  # "reasoning"/"message": its output_index, once open
         self._usage: dict | None = None
         self._finish = None
         self._sequence = 0
@@ -260,7 +271,8 @@ class Translator:
             chat = json.loads(self._pending)
             choice = chat["choices"][0]
             text = choice["message"].get("content") or ""
-            if not isinstance(text, str):
+            thought = choice["message"].get("reasoning_content") or ""
+            if not isinstance(text, str) or not isinstance(thought, str):
                 raise TypeError("content is not text")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             request.setResponseCode(502)
@@ -272,9 +284,11 @@ class Translator:
         if isinstance(chat.get("model"), str):
             self._shape.model = chat["model"]
         finish = choice.get("finish_reason")
-        reply = self._shape.response(
-            "completed", output=[self._shape.message(text, "completed")],
-            usage=usage_of(chat.get("usage")), finish=finish)
+        output = [self._shape.message(text, "completed")]
+        if thought:
+            output.insert(0, self._shape.reasoning(thought, "completed"))
+        reply = self._shape.response("completed", output=output,
+                                     usage=usage_of(chat.get("usage")), finish=finish)
         request.setHeader(b"Content-Type", b"application/json")
         request.write(json.dumps(reply).encode())
 
@@ -290,10 +304,27 @@ class Translator:
         shape = self._shape
         self._send("response.created", response=shape.response("in_progress", output=[]))
         self._send("response.in_progress", response=shape.response("in_progress", output=[]))
-        self._send("response.output_item.added", output_index=0,
-                   item=dict(shape.message("", "in_progress"), content=[]))
-        self._send("response.content_part.added", item_id=shape.message_id, output_index=0,
-                   content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+
+    def _open(self, kind: str) -> int:
+        """The output_index of the reasoning or message item, added on its first piece:
+        reasoning that comes first is item 0 and the answer item 1, as OpenAI orders them."""
+        index = self._indexes.get(kind)
+        if index is not None:
+            return index
+        index = self._indexes[kind] = len(self._indexes)
+        shape = self._shape
+        part: dict[str, object]
+        if kind == "reasoning":
+            item, part = shape.reasoning("", "in_progress"), {"type": "reasoning_text", "text": ""}
+            item_id = shape.reasoning_id
+        else:
+            item, part = shape.message("", "in_progress"), {"type": "output_text", "text": "",
+                                                             "annotations": []}
+            item_id = shape.message_id
+        self._send("response.output_item.added", output_index=index, item=dict(item, content=[]))
+        self._send("response.content_part.added", item_id=item_id, output_index=index,
+                   content_index=0, part=part)
+        return index
 
     def _event(self, raw: bytes) -> None:
         data = [line[5:].lstrip() for line in raw.replace(b"\r\n", b"\n").split(b"\n")
@@ -325,25 +356,47 @@ class Translator:
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta") or {}
-            piece = delta.get("content") if isinstance(delta, dict) else None
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                delta = {}
+            thought = delta.get("reasoning_content")
+            if isinstance(thought, str) and thought:
+                self._thought.append(thought)
+                self._send("response.reasoning_text.delta", item_id=self._shape.reasoning_id,
+                           output_index=self._open("reasoning"), content_index=0, delta=thought)
+            piece = delta.get("content")
             if isinstance(piece, str) and piece:
                 self._text.append(piece)
                 self._send("response.output_text.delta", item_id=self._shape.message_id,
-                           output_index=0, content_index=0, delta=piece, logprobs=[])
+                           output_index=self._open("message"), content_index=0, delta=piece,
+                           logprobs=[])
             if choice.get("finish_reason"):
                 self._finish = choice["finish_reason"]
 
     def _complete(self) -> None:
-        shape, text = self._shape, "".join(self._text)
-        item_id = shape.message_id
-        self._send("response.output_text.done", item_id=item_id, output_index=0,
-                   content_index=0, text=text, logprobs=[])
-        self._send("response.content_part.done", item_id=item_id, output_index=0,
-                   content_index=0, part={"type": "output_text", "text": text, "annotations": []})
-        item = shape.message(text, "completed")
-        self._send("response.output_item.done", output_index=0, item=item)
-        final = shape.response("completed", output=[item], usage=self._usage,
+        shape = self._shape
+        self._open("message")  # an empty answer is still one message
+        output: list[dict] = []
+        for kind, index in sorted(self._indexes.items(), key=lambda pair: pair[1]):
+            if kind == "reasoning":
+                text = "".join(self._thought)
+                self._send("response.reasoning_text.done", item_id=shape.reasoning_id,
+                           output_index=index, content_index=0, text=text)
+                self._send("response.content_part.done", item_id=shape.reasoning_id,
+                           output_index=index, content_index=0,
+                           part={"type": "reasoning_text", "text": text})
+                item = shape.reasoning(text, "completed")
+            else:
+                text = "".join(self._text)
+                self._send("response.output_text.done", item_id=shape.message_id,
+                           output_index=index, content_index=0, text=text, logprobs=[])
+                self._send("response.content_part.done", item_id=shape.message_id,
+                           output_index=index, content_index=0,
+                           part={"type": "output_text", "text": text, "annotations": []})
+                item = shape.message(text, "completed")
+            self._send("response.output_item.done", output_index=index, item=item)
+            output.append(item)
+        final = shape.response("completed", output=output, usage=self._usage,
                                finish=self._finish)
         self._send("response.incomplete" if final["status"] == "incomplete"
                    else "response.completed", response=final)

@@ -105,3 +105,36 @@ class Flood:
 
     def stopProducing(self) -> None:
         self.stopped = True
+
+
+class ReasoningBridge(Resource):
+    """A bridge whose model thinks first: ``reasoning_content`` deltas, then the answer,
+    as LMArena's reasoning models arrive through tab mode; the whole answer at once when
+    the request does not stream."""
+
+    isLeaf = True
+
+    def __init__(self, thought: list[str], answer: list[str]) -> None:
+        super().__init__()
+        self.thought = thought
+        self.answer = answer
+
+    def render(self, request):
+        body = json.loads(request.content.read())
+        if body.get("stream") is not True:
+            request.setHeader(b"Content-Type", b"application/json")
+            return json.dumps({
+                "id": "c", "object": "chat.completion", "created": 1, "model": "thinker",
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                    "role": "assistant", "content": "".join(self.answer),
+                    "reasoning_content": "".join(self.thought)}}]}).encode()
+        request.setHeader(b"Content-Type", b"text/event-stream")
+        deltas = ([{"reasoning_content": piece} for piece in self.thought]
+                  + [{"content": piece} for piece in self.answer])
+        out = b""
+        for delta in deltas:
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1,
+                     "model": "thinker",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            out += b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        return out + b"data: [DONE]\n\n"

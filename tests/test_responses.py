@@ -17,7 +17,7 @@ from lmarena_gateway.errors import ApiError
 from lmarena_gateway.fakebridge import TEXT
 from lmarena_gateway.responses import Translator, chat_request
 
-from bridges import ChunkCollector, HeldBridge, event
+from bridges import ChunkCollector, HeldBridge, ReasoningBridge, event
 from support.client import SESSION, call
 
 HEADERS = {"X-Session-Name": "team-alpha", "X-Target-Domain": "lmarena.ai"}
@@ -141,13 +141,15 @@ def test_each_chunk_is_translated_as_it_arrives_even_cut_in_two():
     translator = Translator(sink, {"model": "gpt-4", "input": "Hi"}, Clock(), stream=True)
     translator.write(b"")
     opening = events_of(sink.written)
-    assert [e["type"] for e in opening] == [
-        "response.created", "response.in_progress", "response.output_item.added",
-        "response.content_part.added"]
+    assert [e["type"] for e in opening] == ["response.created", "response.in_progress"]
     first = chunk("Hel")
     translator.write(first[:17])  # half an event: nothing yet
     assert events_of(sink.written) == opening
     translator.write(first[17:])
+    # the message item opens with its first piece (a reasoning item may come before it)
+    assert [e["type"] for e in events_of(sink.written)[2:]] == [
+        "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta"]
     assert events_of(sink.written)[-1]["delta"] == "Hel"
     translator.write(chunk("lo") + chunk(finish="stop"))
     translator.write(chunk(usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}))
@@ -165,6 +167,79 @@ def test_each_chunk_is_translated_as_it_arrives_even_cut_in_two():
     assert done["output"][0]["content"][0]["text"] == "Hello"
     assert done["usage"]["input_tokens"] == 3 and done["usage"]["output_tokens"] == 2
     assert sink.finished
+
+
+def thinking(text: str) -> bytes:
+    body = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "thinker",
+            "choices": [{"index": 0, "delta": {"reasoning_content": text}, "finish_reason": None}]}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def test_reasoning_content_becomes_a_reasoning_item_before_the_message():
+    sink = Sink()
+    translator = Translator(sink, {"model": "m", "input": "Hi"}, Clock(), stream=True)
+    translator.write(thinking("Let me ") + thinking("think."))
+    translator.write(chunk("Hi") + chunk(" there"))
+    translator.write(chunk(finish="stop") + b"data: [DONE]\n\n")
+    translator.finish()
+    events = events_of(sink.written)
+    assert [(e["type"], e.get("output_index")) for e in events[2:]] == [
+        ("response.output_item.added", 0), ("response.content_part.added", 0),
+        ("response.reasoning_text.delta", 0), ("response.reasoning_text.delta", 0),
+        ("response.output_item.added", 1), ("response.content_part.added", 1),
+        ("response.output_text.delta", 1), ("response.output_text.delta", 1),
+        ("response.reasoning_text.done", 0), ("response.content_part.done", 0),
+        ("response.output_item.done", 0),
+        ("response.output_text.done", 1), ("response.content_part.done", 1),
+        ("response.output_item.done", 1), ("response.completed", None)]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    added = events[2]["item"]
+    assert added["type"] == "reasoning" and added["id"].startswith("rs_")
+    assert events[3]["part"] == {"type": "reasoning_text", "text": ""}
+    assert [e["delta"] for e in events[4:6]] == ["Let me ", "think."]
+    assert all(e["item_id"] == added["id"] for e in events[3:6])
+    assert events[10]["text"] == "Let me think."
+    final = events[-1]["response"]
+    assert [item["type"] for item in final["output"]] == ["reasoning", "message"]
+    assert final["output"][0]["content"] == [{"type": "reasoning_text", "text": "Let me think."}]
+    assert final["output"][0]["summary"] == [] and final["output"][0]["status"] == "completed"
+    assert final["output_text"] == "Hi there"  # the answer's text only
+
+
+def test_without_reasoning_the_message_is_item_zero_even_when_empty():
+    sink = Sink()
+    translator = Translator(sink, {"model": "m", "input": "Hi"}, Clock(), stream=True)
+    translator.write(chunk(finish="stop") + b"data: [DONE]\n\n")
+    translator.finish()
+    events = events_of(sink.written)
+    assert [(e["type"], e.get("output_index")) for e in events[2:-1]] == [
+        ("response.output_item.added", 0), ("response.content_part.added", 0),
+        ("response.output_text.done", 0), ("response.content_part.done", 0),
+        ("response.output_item.done", 0)]
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == ""
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_sdk_reads_reasoning_items(gateway_factory, listen, stream):
+    bridge = ReasoningBridge(["Weighing ", "the options."], ["Take ", "the train."])
+    gw, client = await sdk_for(gateway_factory, bridge_url=await listen(bridge))
+
+    def ask():
+        if not stream:
+            return client.responses.create(model="gpt-4", input="How should I go?"), []
+        with client.responses.stream(model="gpt-4", input="How should I go?") as events:
+            seen = [e for e in events]
+            return events.get_final_response(), seen
+
+    final, events = await deferToThread(ask)
+    assert final.output_text == "Take the train."
+    reasoning, message = final.output
+    assert reasoning.type == "reasoning" and message.type == "message"
+    assert [part.text for part in reasoning.content] == ["Weighing the options."]
+    if stream:
+        deltas = [e.delta for e in events if e.type == "response.reasoning_text.delta"]
+        assert deltas == ["Weighing ", "the options."]
 
 
 def test_no_usage_from_the_upstream_is_none_not_invented():
