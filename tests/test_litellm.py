@@ -40,9 +40,9 @@ async def two_sessions(gateway_factory, listen, reactor):
 
 def complete(url: str, session: str | None, **options):
     headers = {} if session is None else {"X-Session-Name": session}
-    return litellm.completion(model=options.pop("model", "openai/gpt-4"),
-                                 api_base=url + "/v1", api_key="sk-litellm",
-                                 messages=MESSAGES, extra_headers=headers, **options)
+    return litellm.completion(model=options.pop("model", "openai/gpt-4"), api_base=url + "/v1",
+                              api_key="sk-litellm", messages=MESSAGES, extra_headers=headers,
+                              **options)
 
 
 @pytest_twisted.ensureDeferred
@@ -81,8 +81,7 @@ async def test_streamed_completion(gateway_factory, listen, reactor):
 
 def failing_call(url: str, stream: bool):
     # the fake bridge answers this model as a bridge without its LMArena tab does
-    answer = complete(url, "team-alpha", model="openai/fake-error-503", stream=stream,
-                      num_retries=0)
+    answer = complete(url, "team-alpha", model="openai/fake-error-503", stream=stream)
     return list(answer) if stream else answer
 
 
@@ -99,7 +98,8 @@ async def test_bridge_not_ready_is_litellms_service_unavailable(gateway_factory,
         assert error.response.json()["error"]["code"] == "BRIDGE_NOT_READY"
         assert error.response.headers["x-should-retry"] == "false"
         assert "bridge: Browser client not connected" in error.message
-    # x-should-retry: false: the openai client underneath did not ask again
+    # LiteLLM's defaults, and x-should-retry: false: the openai client underneath did not
+    # ask again (with num_retries=2 LiteLLM itself asks three more times)
     assert [bool(s["body"].get("stream")) for s in alpha.seen] == [False, True]
 
 
