@@ -152,6 +152,16 @@ class Metrics:
         self.sessions_pruned = Counter(
             "lmgateway_sessions_pruned", "Sessions removed for idleness, per domain",
             ["domain"], registry=registry)
+        self.conversations = Counter(
+            "lmgateway_conversations",
+            "Tab-mode chat requests, by how their evaluation started: continued (the "
+            "history was one this gateway answered) or fresh (the packed history)",
+            ["start"], registry=registry)
+        self.conversation_fallbacks = Counter(
+            "lmgateway_conversation_fallbacks",
+            "Continuations the arena refused that were run once more as a fresh evaluation, "
+            "by why: not_owner (401, another account holds the tab) or has_feedback",
+            ["reason"], registry=registry)
         if store is not None:
             registry.register(_SessionsCollector(store, domains))
 
@@ -180,6 +190,12 @@ class Metrics:
                 code = OTHER_CODE
             self._error_codes.add(code)
         self.upstream_errors.labels(code).inc()
+
+    def conversation_started(self, start: str) -> None:
+        self.conversations.labels(start).inc()
+
+    def conversation_fallback(self, reason: str) -> None:
+        self.conversation_fallbacks.labels(reason).inc()
 
     def pruned(self, per_domain: dict[str, int] | None) -> None:
         self.pruning_runs.labels("ok").inc()

@@ -68,7 +68,7 @@ class Proxy:
         if tabs is not None:
             from .tabupstream import TabUpstream
 
-            self.tab_upstream = TabUpstream(tabs, config, clock, self.metrics)
+            self.tab_upstream = TabUpstream(tabs, config, clock, self.metrics, store=store)
 
     # --- session resolution ---
 

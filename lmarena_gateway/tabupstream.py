@@ -12,6 +12,7 @@ import secrets
 import time
 from typing import Any
 
+from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -23,6 +24,7 @@ from . import arena
 from .errors import ApiError, set_error_headers
 from .refusals import refusal
 from .relay import Relay, set_status, sse_error
+from .store.conversations import Conversation
 from .tabs import IJobSink, SessionTabs, TabRegistry
 from .upstream import IUpstream
 
@@ -100,8 +102,13 @@ class TabAnswer:
         self.tabs: Any = None  # the SessionTabs the job runs on (for retries)
         self.payload_for: Any = None  # () -> a new job payload with fresh ids
         self.retries = {"recaptcha": 1, "empty": 2}  # what may still be tried again
+        # A continuation: what to run instead, once, when the arena will not continue it
+        self.afresh: Any = None  # () -> payload of a fresh evaluation with the packed history
+        self.pinned: str | None = None  # the tab the job must run on (its conversation's)
+        self.settled: Any = None  # (outcome, answer) -> None; outcome answered/refused/failed
         self.error_body: list[str] = []
         self.notice: str | None = None  # what the tab's badge should say about a refusal
+        self.evaluation_id: str | None = None  # of the latest attempt
         self.sent_at = time.monotonic()
         self._deadline = upstream.clock.callLater(self.config.stream_idle_timeout, self._timeout)
         # A stream opens with its first chunk, so that a refusal, an empty answer or a model
@@ -169,6 +176,7 @@ class TabAnswer:
         self._deadline_off()
         self._opener_off()
         self.cancel_job()
+        self._settle("failed")
 
     # --- the answer ---
 
@@ -252,6 +260,7 @@ class TabAnswer:
         self.done = True
         self._deadline_off()
         self._opener_off()
+        self._settle("answered")
         reason = self.finish_reason or "stop"
         if self.relay is not None:
             tail = self.chunks.event({}, reason)
@@ -292,21 +301,43 @@ class TabAnswer:
         self.upstream.metrics.upstream_error(f"ARENA_{why.upper()}_RETRIED")
         log.info("tab {session}@{domain}: retrying after {why}", session=self.session_name,
                  domain=self.domain, why=why)
+        self._resubmit()
+        return True
+
+    def _start_afresh(self, reason: str) -> bool:
+        """The arena will not continue the conversation (another account holds the tab now,
+        or it has feedback): once, a fresh evaluation carrying the packed history, on any
+        tab. The client is told nothing of it; the metric counts it."""
+        if self.afresh is None or self.chunks.started:
+            return False
+        self.upstream.metrics.conversation_fallback(reason)
+        log.info("tab {session}@{domain}: the arena would not continue the conversation "
+                 "({reason}); starting a fresh one", session=self.session_name,
+                 domain=self.domain, reason=reason)
+        self._settle("fallback")
+        self.payload_for, self.afresh, self.pinned = self.afresh, None, None
+        self._resubmit()
+        return True
+
+    def _resubmit(self) -> None:
         self.parser = arena.LineParser()
         self.refused, self.error_body = None, []
         self.finish_reason, self.usage, self.failed = None, None, None
         self.text_parts, self.reasoning_parts, self.images = [], [], []
         self.sources = arena.Sources()
         try:
-            self.job = self.upstream.registry.submit(self.tabs, self.payload_for(), self)
+            self.job = self.upstream.registry.submit(self.tabs, self.payload_for(), self,
+                                                     pinned=self.pinned)
         except ApiError as e:
             self._fail(e.status, e.code, e.message)
-        return True
 
     def _refused(self, code: int, headers: dict, body: str) -> None:
         """The arena said no: an HTTP error, or an event when the stream has started."""
         found = refusal(code, headers, body, self.session_name, self.domain)
         if found.retry == "recaptcha" and self._again("recaptcha"):
+            return
+        if found.retry == "fresh" and self._start_afresh(
+                "not_owner" if code == 401 else "has_feedback"):
             return
         if self.relay is None:
             for name, value in found.headers.items():
@@ -323,6 +354,8 @@ class TabAnswer:
         self._opener_off()
         self.upstream.metrics.upstream_error(code)
         self.cancel_job()
+        # refused: the arena answered an HTTP error, so it took nothing of this turn
+        self._settle("refused" if self.refused is not None else "failed")
         if self.relay is not None:
             self.relay.dataReceived(sse_error(message, code, "upstream_error"))
             self.relay.connectionLost(Failure(ResponseDone()))
@@ -360,27 +393,61 @@ class TabAnswer:
         if self.job is not None:
             self.upstream.registry.cancel(self.job)
 
+    def _settle(self, outcome: str) -> None:
+        settled = self.settled
+        if outcome != "fallback":
+            self.settled = None  # once: the first outcome is the one that counts
+        if settled is not None:
+            settled(outcome, self)
+
+    @property
+    def answer_text(self) -> str:
+        """The assistant's ``content`` as the client got it, and will send it back."""
+        return "".join(self.text_parts)
+
     def cancel(self) -> None:
         """The client went away."""
         self.done = True
         self._deadline_off()
         self._opener_off()
         self.cancel_job()
+        self._settle("failed")
         if self.relay is not None:
             self.relay.stop()
 
 
+@frozen
+class Plan:
+    """How one chat request runs: a continuation of a known evaluation, or a fresh one."""
+
+    content: str  # what the user message carries
+    evaluation_id: str | None = None  # continue this evaluation (post-to-evaluation)
+    pinned: str | None = None  # on this tab: the one that holds the conversation
+    history: str | None = None  # the digest of the history it continues
+    conversation: Conversation | None = None
+    packed: Any = None  # () -> the packed history, should the arena refuse to continue
+
+
 @implementer(IUpstream)
 class TabUpstream:
-    """Serves a session from its tabs."""
+    """Serves a session from its tabs.
+
+    With a ``store``, conversations continue (docs/tab-mode.rst): a history this gateway
+    answered continues its evaluation on the tab that holds it; anything else is a fresh
+    evaluation carrying the packed history.
+    """
 
     kind = "tab"
 
-    def __init__(self, registry: TabRegistry, config, clock, metrics) -> None:
+    def __init__(self, registry: TabRegistry, config, clock, metrics, store=None) -> None:
         self.registry = registry
         self.config = config
         self.clock = clock
         self.metrics = metrics
+        self.store = store
+        # Histories being continued right now: a second request with the same history
+        # must not continue an evaluation that is about to move on under it.
+        self._continuing: set[tuple[str, str, str]] = set()
 
     def _model(self, tabs: SessionTabs, record, requested) -> arena.ArenaModel:
         name = requested
@@ -394,26 +461,90 @@ class TabUpstream:
                        f"the tab of session {tabs.session_name} on {tabs.domain} offers no "
                        f"model {name!r}; it offers: {offered}")
 
+    # --- conversations ---
+
+    def _plan(self, tabs: SessionTabs, model: arena.ArenaModel,
+              turns: list[arena.Turn]) -> Plan:
+        """Continue when the history (all before the last user message) is exactly one
+        this gateway answered in this session, with this model, on a tab still here."""
+        history, rest = arena.split_history(turns)
+        if self.store is None or not history or len(rest) != 1:
+            return Plan(arena.pack(turns))
+        digest = arena.history_digest(history)
+        known = self.store.conversation(tabs.domain, tabs.session_name, digest)
+        if (known is None or known.model_id != model.id or known.tab_id not in tabs.tabs
+                or (tabs.domain, tabs.session_name, digest) in self._continuing):
+            return Plan(arena.pack(turns))
+        return Plan(arena.pack(rest), known.evaluation_id, known.tab_id, digest, known,
+                    packed=lambda: arena.pack(turns))
+
+    def _settled(self, tabs: SessionTabs, model: arena.ArenaModel, turns: list[arena.Turn],
+                 plan: Plan):
+        """What the end of an answer means for the conversation map."""
+        where = (tabs.domain, tabs.session_name)
+        history = plan.history
+
+        def settled(outcome: str, answer: TabAnswer) -> None:
+            nonlocal history
+            if history is not None:
+                self._continuing.discard((*where, history))
+            if outcome == "answered" and answer.evaluation_id and answer.job is not None:
+                tab = answer.job.tab
+                now = self.clock.seconds()
+                continued = plan.conversation if answer.evaluation_id == plan.evaluation_id else None
+                conversation = Conversation(
+                    answer.evaluation_id, tab.tab_id if tab is not None else "", model.id,
+                    continued.created_at if continued is not None else now, now)
+                answered = arena.history_digest(
+                    [*turns, arena.Turn("assistant", answer.answer_text)])
+                self._store_call(self.store.remember_conversation, *where, answered,
+                                 conversation, replaces=history)
+            elif history is not None and outcome in ("failed", "fallback"):
+                # The arena may hold part of this turn now (or the evaluation is not ours
+                # any more): that history no longer matches what it holds.
+                self._store_call(self.store.forget_conversation, *where, history)
+            if outcome == "fallback":
+                history = None
+
+        return settled
+
+    def _store_call(self, method, *args, **kwargs) -> None:
+        def failed(failure):
+            log.failure("conversation map: {method} failed", failure, method=method.__name__)
+
+        method(*args, **kwargs).addErrback(failed)
+
     def _run(self, request, tabs: SessionTabs, *, kind: str, model: arena.ArenaModel,
-             content: str, stream: bool, include_usage: bool, requested: str) -> Deferred:
-        def payload_for() -> dict:
+             plan: Plan, stream: bool, include_usage: bool, requested: str,
+             turns: list[arena.Turn] | None = None) -> Deferred:
+        answer: list[TabAnswer] = []
+
+        def payload(content: str, evaluation_id: str | None) -> dict:
             # each attempt has fresh ids; the tab mints a fresh token for each
             path, body = arena.request_body(model_id=model.id, content=content,
-                                            modality=model.modality)
+                                            modality=model.modality,
+                                            evaluation_id=evaluation_id)
+            if answer:
+                answer[0].evaluation_id = body["id"]
             return {"url": path, "method": "POST",
                     "headers": {"Content-Type": "text/plain;charset=UTF-8"},
                     "body": json.dumps(body), "recaptcha": {"action": "chat_submit",
                                                             "field": "recaptchaV3Token"}}
 
-        answer: list[TabAnswer] = []
+        def afresh() -> dict:
+            return payload(plan.packed(), None)
+
         finished: Deferred = Deferred(lambda _: answer[0].cancel() if answer else None)
         sink = TabAnswer(self, request, kind=kind, model=requested, stream=stream,
                          include_usage=include_usage, finished=finished)
         sink.session_name, sink.domain = tabs.session_name, tabs.domain
-        sink.tabs, sink.payload_for = tabs, payload_for
+        sink.tabs = tabs
+        sink.payload_for = lambda: payload(plan.content, plan.evaluation_id)
+        if plan.evaluation_id is not None:
+            sink.afresh, sink.pinned = afresh, plan.pinned
         answer.append(sink)
         try:
-            sink.job = self.registry.submit(tabs, payload_for(), sink)
+            sink.job = self.registry.submit(tabs, sink.payload_for(), sink, pinned=sink.pinned)
         except ApiError as e:
             sink.done = True
             sink._deadline_off()
@@ -421,6 +552,12 @@ class TabUpstream:
             if e.code == "SESSION_BUSY":
                 request.setHeader(b"Retry-After", b"5")
             raise
+        if turns is not None and self.store is not None:
+            if plan.history is not None:
+                self._continuing.add((tabs.domain, tabs.session_name, plan.history))
+            sink.settled = self._settled(tabs, model, turns, plan)
+            self.metrics.conversation_started(
+                "continued" if plan.evaluation_id is not None else "fresh")
         return finished
 
     # --- IUpstream ---
@@ -428,12 +565,13 @@ class TabUpstream:
     def chat(self, request, route, body: dict, raw: bytes = b"") -> Deferred:
         tabs = route.tabs
         model = self._model(tabs, route.record, body["model"])
-        content = arena.pack(arena.turns_of(body["messages"]))
+        turns = arena.turns_of(body["messages"])
+        plan = self._plan(tabs, model, turns)
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return self._run(request, tabs, kind="chat", model=model, content=content,
+        return self._run(request, tabs, kind="chat", model=model, plan=plan,
                          stream=body.get("stream") is True, include_usage=include_usage,
-                         requested=body["model"])
+                         requested=body["model"], turns=turns)
 
     def images(self, request, route, body: dict, raw: bytes = b"") -> Deferred:
         tabs = route.tabs
@@ -444,8 +582,9 @@ class TabUpstream:
                 raise ApiError(404, "MODEL_NOT_FOUND", "the tab offers no image model")
             requested = image_models[0].public_name
         model = self._model(tabs, route.record, requested)
-        return self._run(request, tabs, kind="images", model=model, content=body["prompt"],
-                         stream=False, include_usage=False, requested=requested)
+        return self._run(request, tabs, kind="images", model=model,
+                         plan=Plan(body["prompt"]), stream=False, include_usage=False,
+                         requested=requested)
 
     def models(self, request, route) -> list[dict]:
         tabs = route.tabs

@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Iterable
 
 from ..sessions import SessionRecord, iso, session_key
+from .conversations import Conversation, ConversationCache
 
 
 def stats_of(records: Iterable[SessionRecord]) -> dict:
@@ -44,6 +45,10 @@ class CachedSessions:
     def __init__(self) -> None:
         self._cache: dict[str, SessionRecord] = {}
         self._used: dict[str, float] = {}
+        self._conversations = ConversationCache()
+
+    def conversation(self, domain: str, name: str, digest: str) -> Conversation | None:
+        return self._conversations.get(session_key(domain, name), digest)
 
     def get(self, domain: str, name: str) -> SessionRecord | None:
         return self._cache.get(session_key(domain, name))

@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 from ..sessions import Registration, SessionRecord
+from .conversations import Conversation
 
 
 class ISessionStore(IService):
@@ -39,6 +40,22 @@ class ISessionStore(IService):
 
     def health() -> dict:
         """{"backend": ..., "status": "ok" | "degraded", ...} for /health."""
+
+    def conversation(domain: str, name: str, digest: str) -> Conversation | None:
+        """The evaluation a tab-mode history of the session continues, from memory."""
+
+    def remember_conversation(domain: str, name: str, digest: str, conversation: Conversation,
+                              replaces: str | None = None) -> Deferred:
+        """Note an answered conversation (and drop ``replaces``, the history it grew from).
+
+        In memory at once; fires with True once written beside the session, False when
+        there is no such session or the write failed (it is not a client's write: the
+        worst loss is a fresh evaluation). At most MAX_PER_SESSION per session, least
+        recently used evicted; deleting or pruning the session removes them, and prune
+        also removes those last used before its cutoff."""
+
+    def forget_conversation(domain: str, name: str, digest: str) -> Deferred:
+        """Drop one (its evaluation moved on without us); fires once done, never fails."""
 
 
 class ISecretSource(Interface):

@@ -13,13 +13,14 @@ from typing import Any
 
 import txredisapi
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..sessions import Registration, SessionRecord, session_key
 from .cache import CachedSessions
+from .conversations import Conversation
 from .interfaces import ISessionStore
 from .redis_commands import RedisAddress, RedisSessions, connect, decode, parse_address
 
@@ -171,7 +172,34 @@ class RedisSessionStore(CachedSessions, Service):
         for rev, record in removed:
             self._apply(rev, record.key, None, reply=True)
             pruned[record.domain] += 1
+        self._conversations.prune(cutoff)
+        yield self._live().prune_conversations(cutoff)
         return dict(pruned)
+
+    # --- conversations: in memory at once, then in Redis beside the session ---
+
+    def remember_conversation(self, domain: str, name: str, digest: str,
+                              conversation: Conversation, replaces: str | None = None) -> Deferred:
+        key = session_key(domain, name)
+        if key not in self._cache or self.sessions is None:
+            return succeed(False)
+        evicted = self._conversations.put(key, digest, conversation, replaces)
+        drop = [d for d in [replaces, *evicted] if d is not None and d != digest]
+        return self.sessions.remember(key, digest, conversation, drop).addErrback(
+            self._conversation_not_saved)
+
+    def forget_conversation(self, domain: str, name: str, digest: str) -> Deferred:
+        key = session_key(domain, name)
+        if not self._conversations.remove(key, digest) or self.sessions is None:
+            return succeed(None)
+        return self.sessions.forget(key, digest).addErrback(self._conversation_not_saved)
+
+    def _conversation_not_saved(self, failure) -> bool:
+        # Kept in memory: this instance still continues it; after a restart the worst is
+        # a fresh evaluation carrying the history.
+        log.warn("session store: a conversation was not saved: {why}",
+                 why=failure.getErrorMessage())
+        return False
 
     # --- the memory copy ---
 
@@ -181,6 +209,7 @@ class RedisSessionStore(CachedSessions, Service):
             return self._cache.get(key, record)
         if record is None:
             self._cache.pop(key, None)
+            self._conversations.drop_session(key)
             return None
         record = self._cache[key] = self.with_pending_use(record)
         return record
@@ -227,6 +256,7 @@ class RedisSessionStore(CachedSessions, Service):
             # Every change up to this rev is in what load() reads; later ones are heard.
             rev = int((yield self._live().command("GET", self._live().keys.rev)) or 0)
             records, broken = yield self._live().load()
+            conversations = yield self._live().load_conversations()
         except Exception as e:
             self._error = f"reload failed: {e}"
             log.warn("session store: {error}; retrying", error=self._error)
@@ -240,6 +270,10 @@ class RedisSessionStore(CachedSessions, Service):
             self._apply(0, key, record)
         for change in changes:
             self._apply(*change)
+        self._conversations.keep_sessions(())
+        for session, digest, conversation in conversations:
+            if session in self._cache:
+                self._conversations.load(session, digest, conversation)
         # Reset rather than raised: a Redis that lost its data counts from 0 again.
         self._seen_rev = max([rev] + [change[0] for change in changes])
         if generation == self._generation and self._subscriber is not None:

@@ -7,6 +7,10 @@ Keys under the prefix (default ``lmgw:``); README "Several instances" explains t
 - ``{prefix}rev``: a counter every change increments, so changes have an order;
 - ``{prefix}changes:{db}``: pub/sub channel, one ``rev\\nkey\\nJSON`` message per change
   (empty JSON: deleted). Channels ignore db numbers, hence the db in the name;
+- ``{prefix}conversations:{domain/name}``: hash, a session's conversations, history
+  digest -> JSON of ids and times (store.conversations; never message text);
+- ``{prefix}conversations-used``: sorted set, ``domain/name\\ndigest`` scored by last use,
+  for pruning idle conversations across sessions;
 - ``{prefix}token-secret`` and ``{prefix}token-generations``: the registration token
   secret and per-name generations (see tokens.RedisSecrets).
 
@@ -40,6 +44,7 @@ from ..sessions import (
     session_key,
 )
 from . import REDIS, backend_of
+from .conversations import MAX_PER_SESSION, Conversation, decode_conversation, encode_conversation
 from .interfaces import ISessionTable
 
 BATCH = 500
@@ -55,6 +60,10 @@ def _lua(name: str) -> str:
 
 # Every change is one atomic script that announces itself on the channel.
 UPSERT, PUT, DELETE, TOUCH, PRUNE = (_lua(n) for n in ("upsert", "put", "delete", "touch", "prune"))
+# Conversation changes are not announced: tabs, and so conversations, are per instance.
+CONVERSATION_PUT, CONVERSATION_PRUNE = (
+    files("lmarena_gateway.store").joinpath("lua", f"{n}.lua").read_text()
+    for n in ("conversation_put", "conversation_prune"))
 
 
 @frozen
@@ -169,6 +178,8 @@ class RedisSessions:
         self.prefix = prefix
         self.keys = RedisKeys.under(prefix)
         self.channel = f"{prefix}changes:{address.db}"
+        self.conversations = prefix + "conversations:"  # + domain/name: a session's hash
+        self.conversations_used = prefix + "conversations-used"
 
     @property
     def connected(self) -> bool:
@@ -219,7 +230,8 @@ class RedisSessions:
         return self.script(PUT, key, value, repr(record.last_activity))
 
     def delete(self, domain: str, name: str) -> Deferred:
-        return self.script(DELETE, session_key(domain, name)).addCallback(int)
+        return self.script(DELETE, session_key(domain, name), self.conversations,
+                           self.conversations_used).addCallback(int)
 
     def touch(self, uses: dict[str, float]) -> Deferred:
         args = []
@@ -239,13 +251,63 @@ class RedisSessions:
                 batch = keys[start:start + BATCH]
             if not batch:
                 break
-            reply = yield self.script(PRUNE, repr(cutoff), *batch)
+            reply = yield self.script(PRUNE, repr(cutoff), self.conversations,
+                                      self.conversations_used, *batch)
             for rev, value in zip(reply[::2], reply[1::2], strict=True):
                 try:
                     removed.append((int(rev), decode(value)))
                 except (ValueError, KeyError, TypeError):
                     pass  # an unreadable record is gone too; there is nothing to report of it
         return removed
+
+    # --- conversations ---
+
+    def remember(self, session: str, digest: str, conversation: Conversation,
+                 drop: list[str]) -> Deferred:
+        """Fires True once written, False when the session is gone."""
+        return self._call("eval", CONVERSATION_PUT,
+                          [self.keys.sessions, self.conversations + session,
+                           self.conversations_used],
+                          [session, digest, encode_conversation(conversation),
+                           repr(conversation.last_used_at), str(MAX_PER_SESSION), *drop]
+                          ).addCallback(lambda reply: bool(int(reply)))
+
+    def forget(self, session: str, digest: str) -> Deferred:
+        return self._call("execute_command", "HDEL", self.conversations + session,
+                          digest).addCallback(lambda _: self.command(
+                              "ZREM", self.conversations_used, f"{session}\n{digest}"))
+
+    @inlineCallbacks
+    def prune_conversations(self, cutoff: float):
+        """How many conversations last used before ``cutoff`` were removed."""
+        total = 0
+        for _ in range(1 << 30):  # bounded: each round removes what it read
+            count = int((yield self._call("eval", CONVERSATION_PRUNE, [self.conversations_used],
+                                          [self.conversations, repr(cutoff), str(BATCH)])))
+            total += count
+            if count < BATCH:
+                break
+        return total
+
+    @inlineCallbacks
+    def load_conversations(self):
+        """[(session, digest, conversation)], least recently used first; unreadable skipped."""
+        members = yield self.command("ZRANGE", self.conversations_used, 0, -1)
+        per_session: dict[str, list[str]] = {}
+        for member in members:
+            session, _, digest = member.partition("\n")
+            if digest:
+                per_session.setdefault(session, []).append(digest)
+        found = []
+        for session, digests in per_session.items():
+            values = yield self.command("HMGET", self.conversations + session, *digests)
+            for digest, value in zip(digests, values, strict=True):
+                try:
+                    found.append((session, digest, decode_conversation(value)))
+                except (ValueError, KeyError, TypeError):
+                    pass
+        found.sort(key=lambda row: row[2].last_used_at)
+        return found
 
     @inlineCallbacks
     def load(self):

@@ -24,9 +24,16 @@ from ..errors import ApiError
 from ..sessions import Registration, SessionRecord, decode_record, encode_record, session_key
 from . import sqlitedbm
 from .cache import CachedSessions, idle_since, settle_for_the_collector
+from .conversations import Conversation, decode_conversation, encode_conversation
 from .interfaces import ISessionStore, ISessionTable
 
 PRUNE_BATCH = 1000
+# Conversations live beside the sessions in the same file, in a table of their own, so
+# the Dict table stays a plain dbm (dbm.sqlite3 reads it) and one transaction covers
+# a session and its conversations.
+CONVERSATIONS = ("CREATE TABLE IF NOT EXISTS Conversations (session TEXT NOT NULL, "
+                 "digest TEXT NOT NULL, value TEXT NOT NULL, last_used REAL NOT NULL, "
+                 "PRIMARY KEY (session, digest))")
 
 
 def open_file(path: str, *, create: bool = False) -> SessionFile:
@@ -47,6 +54,8 @@ class SessionFile:
     def __init__(self, path: str, flag: str = "c") -> None:
         self.path = path
         self.db = sqlitedbm.open(path, flag)
+        if flag != "r":
+            self.db.sql(CONVERSATIONS)
 
     def close(self) -> None:
         self.db.close()
@@ -86,10 +95,13 @@ class SessionFile:
             self.write(record)
 
     def delete(self, domain: str, name: str) -> bool:
-        try:
-            del self.db[session_key(domain, name)]
-        except KeyError:
-            return False
+        key = session_key(domain, name)
+        with self.db.transaction():
+            self.db.sql("DELETE FROM Conversations WHERE session = ?", (key,))
+            try:
+                del self.db[key]
+            except KeyError:
+                return False
         return True
 
     def prune(self, cutoff: float, candidates: Iterable[SessionRecord]) -> list[SessionRecord]:
@@ -102,8 +114,57 @@ class SessionFile:
                     continue
                 if max(stored.last_activity, seen.last_activity) < cutoff:
                     del self.db[seen.key]
+                    self.db.sql("DELETE FROM Conversations WHERE session = ?", (seen.key,))
                     removed.append(stored)
         return removed
+
+    # --- conversations (store.conversations) ---
+
+    def load_conversations(self) -> tuple[list[tuple[str, str, Conversation]], int]:
+        """(session, digest, conversation), least recently used first; and how many
+        rows could not be read (they are deleted)."""
+        found, broken = [], []
+        for session, digest, value in self.db.sql(
+                "SELECT session, digest, value FROM Conversations ORDER BY last_used"):
+            try:
+                found.append((session, digest, decode_conversation(value)))
+            except (ValueError, KeyError, TypeError):
+                broken.append((session, digest))
+        if broken:
+            with self.db.transaction():
+                for row in broken:
+                    self.db.sql("DELETE FROM Conversations WHERE session = ? AND digest = ?", row)
+        return found, len(broken)
+
+    def remember(self, session: str, digest: str, conversation: Conversation,
+                 drop: list[str]) -> bool:
+        """Write one (and delete ``drop``) if its session is still there."""
+        with self.db.transaction():
+            if session.encode() not in self.db:
+                return False
+            for old in drop:
+                self.db.sql("DELETE FROM Conversations WHERE session = ? AND digest = ?",
+                            (session, old))
+            self.db.sql("INSERT INTO Conversations (session, digest, value, last_used) "
+                        "VALUES (?, ?, ?, ?) ON CONFLICT (session, digest) DO UPDATE SET "
+                        "value = excluded.value, last_used = excluded.last_used",
+                        (session, digest, encode_conversation(conversation),
+                         conversation.last_used_at))
+        return True
+
+    def forget(self, session: str, digest: str) -> None:
+        with self.db.transaction():
+            self.db.sql("DELETE FROM Conversations WHERE session = ? AND digest = ?",
+                        (session, digest))
+
+    def prune_conversations(self, cutoff: float) -> int:
+        """Those last used before ``cutoff``, and any whose session is gone."""
+        with self.db.transaction():
+            idle = self.db.sql("DELETE FROM Conversations WHERE last_used < ? RETURNING 1",
+                               (cutoff,))
+            orphans = self.db.sql("DELETE FROM Conversations WHERE CAST(session AS BLOB) "
+                                  "NOT IN (SELECT key FROM Dict) RETURNING 1")
+        return len(idle) + len(orphans)
 
     def save_last_used(self, uses: dict[str, float]) -> None:
         with self.db.transaction():
@@ -153,6 +214,12 @@ class DBMSessionStore(CachedSessions, Service):
         # Runs once at startup, before anything is served: loading here is not blocking anyone.
         self._file = table = SessionFile(self.path)
         self._cache, broken = table.load()
+        conversations, unreadable = table.load_conversations()
+        for session, digest, conversation in conversations:
+            if session in self._cache:
+                self._conversations.load(session, digest, conversation)
+        if unreadable:
+            self.log.warn("session store: {n} unreadable conversations dropped", n=unreadable)
         self._version = table.data_version()
         settle_for_the_collector()
         for key in broken:
@@ -228,6 +295,7 @@ class DBMSessionStore(CachedSessions, Service):
             key = session_key(domain, name)
             self._cache.pop(key, None)
             self._used.pop(key, None)
+            self._conversations.drop_session(key)
             return existed
 
         return self._write(self._opened().delete, domain, name).addCallback(deleted)
@@ -263,9 +331,40 @@ class DBMSessionStore(CachedSessions, Service):
             for record in removed:
                 self._cache.pop(record.key, None)
                 self._used.pop(record.key, None)
+                self._conversations.drop_session(record.key)
                 pruned[record.domain] += 1
             del batch, removed
+        self._conversations.prune(cutoff)
+        try:
+            yield self._write(self._opened().prune_conversations, cutoff)
+        except ApiError:
+            pass  # logged by _write; the next pass removes them
         return dict(pruned)
+
+    # --- conversations: in memory at once, written in the store's thread ---
+
+    def remember_conversation(self, domain: str, name: str, digest: str,
+                              conversation: Conversation, replaces: str | None = None) -> Deferred:
+        key = session_key(domain, name)
+        if key not in self._cache or self._file is None:
+            return succeed(False)
+        evicted = self._conversations.put(key, digest, conversation, replaces)
+        drop = [d for d in [replaces, *evicted] if d is not None and d != digest]
+        return self._write(self._file.remember, key, digest, conversation, drop).addErrback(
+            self._conversation_not_saved)
+
+    def forget_conversation(self, domain: str, name: str, digest: str) -> Deferred:
+        key = session_key(domain, name)
+        if not self._conversations.remove(key, digest) or self._file is None:
+            return succeed(None)
+        return self._write(self._file.forget, key, digest).addErrback(
+            self._conversation_not_saved)
+
+    def _conversation_not_saved(self, failure) -> bool:
+        # Kept in memory: this process still continues it; after a restart the worst is
+        # a fresh evaluation carrying the history. The write error is on /health already.
+        failure.trap(ApiError)
+        return False
 
     def _remember(self, record: SessionRecord) -> None:
         self._cache[record.key] = self.with_pending_use(record)
@@ -294,6 +393,7 @@ class DBMSessionStore(CachedSessions, Service):
                 if key in records:
                     records[key] = self.with_pending_use(records[key])
             self._cache = records
+            self._conversations.keep_sessions(records)  # sessions deleted by the CLI
             gc.freeze()  # as at startup, without a collection on the reactor
 
         return self._in_thread(read).addCallback(apply).addErrback(

@@ -78,6 +78,10 @@ class _Database:
     def __contains__(self, key) -> bool:
         return self._cx.execute("SELECT 1 FROM Dict WHERE key = ?", (_bytes(key),)).fetchone() is not None
 
+    def sql(self, statement: str, parameters=()) -> list[tuple]:
+        """One statement of the caller's own, on this connection (tables beside Dict)."""
+        return self._cx.execute(statement, parameters).fetchall()
+
     def keys(self) -> list[bytes]:
         return [row[0] for row in self._cx.execute("SELECT key FROM Dict")]
 

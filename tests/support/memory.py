@@ -15,6 +15,7 @@ from zope.interface import implementer
 from lmarena_gateway.sessions import Registration, SessionRecord, session_key
 from lmarena_gateway.store import ISessionStore
 from lmarena_gateway.store.cache import CachedSessions
+from lmarena_gateway.store.conversations import Conversation
 
 
 @implementer(ISessionStore)
@@ -39,6 +40,7 @@ class MemoryStore(CachedSessions, Service):
     def delete(self, domain: str, name: str) -> Deferred:
         key = session_key(domain, name)
         self._used.pop(key, None)
+        self._conversations.drop_session(key)
         return succeed(self._cache.pop(key, None) is not None)
 
     def prune(self, cutoff: float) -> Deferred:
@@ -46,4 +48,18 @@ class MemoryStore(CachedSessions, Service):
         for record in idle:
             del self._cache[record.key]
             self._used.pop(record.key, None)
+            self._conversations.drop_session(record.key)
+        self._conversations.prune(cutoff)
         return succeed(dict(Counter(record.domain for record in idle)))
+
+    def remember_conversation(self, domain: str, name: str, digest: str,
+                              conversation: Conversation, replaces: str | None = None) -> Deferred:
+        key = session_key(domain, name)
+        if key not in self._cache:
+            return succeed(False)
+        self._conversations.put(key, digest, conversation, replaces)
+        return succeed(True)
+
+    def forget_conversation(self, domain: str, name: str, digest: str) -> Deferred:
+        self._conversations.remove(session_key(domain, name), digest)
+        return succeed(None)

@@ -12,3 +12,12 @@ local function raise_score(field, score)
     redis.call('ZADD', KEYS[2], score, field)
   end
 end
+-- A session's conversations (a hash of its own, and its members of the zset of every
+-- conversation by last use) go with it, in the same step.
+local function drop_conversations(prefix, used, field)
+  local hash = prefix .. field
+  for _, digest in ipairs(redis.call('HKEYS', hash)) do
+    redis.call('ZREM', used, field .. '\n' .. digest)
+  end
+  redis.call('DEL', hash)
+end
