@@ -105,7 +105,7 @@ class TabAnswer:
         # A continuation: what to run instead, once, when the arena will not continue it
         self.afresh: Any = None  # () -> payload of a fresh evaluation with the packed history
         self.pinned: str | None = None  # the tab the job must run on (its conversation's)
-        self.settled: Any = None  # (outcome, answer) -> None; outcome answered/refused/failed
+        self.settled: Any = None  # (outcome, answer): answered, untouched, failed, fallback
         self.error_body: list[str] = []
         self.notice: str | None = None  # what the tab's badge should say about a refusal
         self.evaluation_id: str | None = None  # of the latest attempt
@@ -176,7 +176,7 @@ class TabAnswer:
         self._deadline_off()
         self._opener_off()
         self.cancel_job()
-        self._settle("failed")
+        self._settle(self._untouched_or("failed"))
 
     # --- the answer ---
 
@@ -354,8 +354,7 @@ class TabAnswer:
         self._opener_off()
         self.upstream.metrics.upstream_error(code)
         self.cancel_job()
-        # refused: the arena answered an HTTP error, so it took nothing of this turn
-        self._settle("refused" if self.refused is not None else "failed")
+        self._settle(self._untouched_or("failed"))
         if self.relay is not None:
             self.relay.dataReceived(sse_error(message, code, "upstream_error"))
             self.relay.connectionLost(Failure(ResponseDone()))
@@ -393,6 +392,12 @@ class TabAnswer:
         if self.job is not None:
             self.upstream.registry.cancel(self.job)
 
+    def _untouched_or(self, outcome: str) -> str:
+        """The outcome, or untouched when the arena surely took nothing of this turn: the
+        job never reached a tab, or the arena answered an HTTP error."""
+        started = self.job is not None and self.job.tab is not None
+        return "untouched" if self.refused is not None or not started else outcome
+
     def _settle(self, outcome: str) -> None:
         settled = self.settled
         if outcome != "fallback":
@@ -411,7 +416,7 @@ class TabAnswer:
         self._deadline_off()
         self._opener_off()
         self.cancel_job()
-        self._settle("failed")
+        self._settle(self._untouched_or("failed"))
         if self.relay is not None:
             self.relay.stop()
 

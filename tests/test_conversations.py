@@ -385,6 +385,18 @@ def test_a_continuation_the_arena_refused_outright_may_be_asked_again(h):
     assert call["followup"] and call["id"] == call1["id"]  # the arena took nothing before
 
 
+def test_a_continuation_cancelled_while_it_waited_may_be_asked_again(h):
+    first, call1 = h.ask([{"role": "user", "content": "Hi"}])
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first}]
+    h.send([{"role": "user", "content": "busy"}])  # t1 runs this one
+    _, waiting = h.send([*history, {"role": "user", "content": "Next"}])
+    waiting.cancel()  # the client went away before a tab took it
+    waiting.addErrback(lambda failure: None)
+    h.run("t1")
+    _, call = h.ask([*history, {"role": "user", "content": "Next"}])
+    assert call["followup"] and call["id"] == call1["id"]
+
+
 def test_a_conversation_keeps_to_its_tab_and_waits_for_it(h):
     h.connect("t2", "bob")
     first, call1 = h.ask([{"role": "user", "content": "Hi"}], tab_id="t1")
