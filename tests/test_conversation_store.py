@@ -79,3 +79,16 @@ async def test_an_unreadable_conversation_is_dropped_not_fatal(tmp_path, reactor
     assert store.conversation(DOMAIN, "a", "d1").evaluation_id == "e1"
     assert store.conversation(DOMAIN, "a", "bad") is None and raw() == 1
     await reopen(store, stop_only=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stop_loses_no_conversation_still_being_written(tmp_path, reactor):
+    # ThreadPool.stop runs what was queued before it stops: nothing is dropped at exit
+    path = str(tmp_path / "s.sqlite3")
+    reopen, raw = opener(path, reactor)
+    store = await reopen(None)
+    await store.register(registration("a"), 10_000.0)
+    for i in range(20):  # not awaited, as the upstream does not wait for them
+        store.remember_conversation(DOMAIN, "a", f"d{i}", conversation(f"e{i}", 5000.0 + i))
+    await store.stopService()
+    assert raw() == 20
