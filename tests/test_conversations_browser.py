@@ -155,7 +155,7 @@ def test_a_conversation_continues_after_a_gateway_restart(alpha, gateway, arena)
     gateway.stop()
     gateway.start()
     # the tab finds the new process by itself, with the same tab id
-    wait_for(lambda: tabs_of(gateway).get("arena.ai", 0) == 1, 40, what="the tab to reconnect")
+    wait_for(lambda: tabs_of(gateway).get("arena.ai", 0) == 1, 90, what="the tab to reconnect")
     history += [{"role": "assistant", "content": first},
                 {"role": "user", "content": "after the restart"}]
     assert parsed(chat(gateway, "alpha", history)) == {**started, "turn": 2}
