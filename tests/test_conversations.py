@@ -31,7 +31,8 @@ from lmarena_gateway.tabupstream import TabUpstream
 
 from support.memory import MemoryStore
 
-MODELS = [ArenaModel("m-chat", "fake-chat", ("text",)), ArenaModel("m-other", "other", ("text",))]
+MODELS = [ArenaModel("m-chat", "fake-chat", ("text",)), ArenaModel("m-other", "other", ("text",)),
+          ArenaModel("m-search", "search", ("search",))]
 DOMAIN, NAME = "arena.ai", "alpha"
 
 
@@ -177,8 +178,12 @@ class MiniArena:
         evaluation = self.evaluations.setdefault(body["id"], {"account": account, "turns": 0})
         evaluation["turns"] += 1
         text = f"[{account}] turn {evaluation['turns']} of {body['id']}"
+        lines = f"a0:{json.dumps(text)}\n"
+        if body["modelAId"] == "m-search":  # its citations end the answer the client gets
+            lines += "ac:" + json.dumps({"toolCallId": "s1", "argsTextDelta": json.dumps(
+                {"sources": [{"url": "https://example.org/a", "title": "A"}]})}) + "\n"
         return {"status": 200, "done": True,
-                "text": f"a0:{json.dumps(text)}\nad:{json.dumps({'finishReason': 'stop'})}\n"}
+                "text": lines + f"ad:{json.dumps({'finishReason': 'stop'})}\n"}
 
 
 class Harness:
@@ -302,6 +307,14 @@ def test_a_history_continued_once_does_not_continue_twice(h):
     _, call2 = h.ask([*history, {"role": "user", "content": "A"}])
     _, call3 = h.ask([*history, {"role": "user", "content": "B"}])
     assert call2["followup"] and not call3["followup"]
+
+
+def test_an_answer_with_its_sources_continues_as_the_client_got_it(h):
+    first, call1 = h.ask([{"role": "user", "content": "Hi"}], model="search")
+    assert "https://example.org/a" in first  # the sources are part of the content
+    _, call = h.ask([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
+                     {"role": "user", "content": "Next"}], model="search")
+    assert call["followup"] and call["id"] == call1["id"]
 
 
 def test_another_model_starts_afresh(h):
