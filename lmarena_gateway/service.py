@@ -27,10 +27,12 @@ from .tabs import TabRegistry
 from .tokens import RegistrationTokens
 from .workers import (
     AdoptedListener,
+    KeepSocketsReactor,
     Lifeline,
     ReusePortListener,
     WorkerPool,
     WorkerRole,
+    accept_in_turn,
     reuse_port_for,
 )
 
@@ -139,10 +141,11 @@ def make_store(config: GatewayConfig, reactor):
 class Listener(StreamServerEndpointService):
     """One ``--listen`` endpoint that says where it listens, so ``tcp:0`` is usable."""
 
-    def __init__(self, endpoint, factory) -> None:
+    def __init__(self, endpoint, factory, *, shared: bool = False) -> None:
         super().__init__(endpoint, factory)
         self._raiseSynchronously = True  # see GatewayService
         self.port = None  # the IListeningPort, once bound
+        self.shared = shared  # handed on to --workers processes too
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -152,6 +155,8 @@ class Listener(StreamServerEndpointService):
 
     def _bound(self, port):
         self.port = port
+        if self.shared:
+            accept_in_turn(port)
         log.info("listening on {address}", address=port.getHost())
         return port
 
@@ -262,7 +267,9 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None,
     listeners: list[Service] = []
     for index, description in enumerate(config.listen):
         reuse = reuse_port_for(description) if worker is not None else None
-        listener: Service = Listener(serverFromString(reactor, description), site) \
+        listener: Service = Listener(serverFromString(KeepSocketsReactor(reactor), description),
+                                     site,
+                                     shared=worker is not None and worker.count > 1) \
             if reuse is None else ReusePortListener(reactor, reuse, site)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(root)

@@ -1,10 +1,12 @@
 """``--workers N``: one gateway process is one core; N processes share its listening sockets.
 
 The parent (worker 0) binds every ``--listen`` endpoint as before (systemd sockets
-included), then starts N-1 copies of the daemon with ``reactor.spawnProcess``, each
-handed the listening sockets as inherited descriptors (adopted with
-``reactor.adoptStreamPort``): the kernel gives each new connection to whichever process
-accepts first, so an idle worker takes the next one. The parent serves too.
+included), then starts N-1 copies of the daemon with ``reactor.spawnProcess``. A plain
+TCP endpoint gets one ``SO_REUSEPORT`` socket per process, which the kernel balances.
+The others (systemd's sockets, Unix sockets) are handed to the workers as inherited
+descriptors (adopted with ``reactor.adoptStreamPort``), and every process accepts one
+connection per wake-up on them (:func:`accept_in_turn`), so a busy process leaves the
+next connection to an idle one. The parent serves too.
 
 A worker gets its configuration from the parent, pickled over a pipe (its fd 3), so
 nothing is parsed or read twice and secrets never go through argv or the environment.
@@ -26,6 +28,7 @@ import pickle
 import re
 import signal
 import socket
+import stat
 import struct
 import sys
 from typing import Any, Callable
@@ -48,6 +51,7 @@ MAX_RESTART_DELAY = 30.0  # ...doubling up to this while it keeps dying young
 YOUNG = 10.0  # a worker that ran less than this long "died young"
 STOP_TIMEOUT = 10.0  # SIGTERM, then SIGKILL after this long (systemd allows 15 s)
 SHAREABLE = ("tcp:", "tcp6:", "unix:", "systemd:")
+ACCEPTS_PER_WAKE = 1  # on a socket several processes share: see accept_in_turn
 _LENGTH = struct.Struct("!Q")
 _STAMP = re.compile(r"^\d{4}-\d\d-\d\dT[\d:]+[+-]\d{4} ")  # twistd's, the parent adds its own
 
@@ -100,6 +104,65 @@ def reuse_port_for(description: str) -> ReusePort | None:
     fields = vars(endpoint)
     host = fields["_interface"] or ("::" if family == socket.AF_INET6 else "")
     return ReusePort(family, host, fields["_port"], fields["_backlog"])
+
+
+def accept_in_turn(port) -> None:
+    """Make a listening port that other processes share accept one connection per wake-up.
+
+    Every process polling a shared socket is woken for a new connection, and Twisted's
+    accept loop takes up to ``numberAccepts`` of those queued (100 at first, growing by
+    20 while they keep coming): the first process awake took all 200 of 200 connections
+    opened at once. Accepting one at a time leaves the next connection to whichever
+    process returns to its poll first, which is the least busy one. ``numberAccepts`` is
+    an attribute of Twisted's ``tcp.Port`` (``unix.Port`` inherits it) that its
+    ``doRead`` reads and rewrites; tests/test_workers_unit.py pins that it still does.
+    """
+    if not hasattr(port, "numberAccepts"):
+        raise TypeError(f"cannot share {port!r}: it has no accept loop to bound")
+    accept = port.doRead
+
+    def doRead():
+        port.numberAccepts = ACCEPTS_PER_WAKE
+        return accept()
+
+    port.doRead = doRead
+
+
+def adopt_stream_port(reactor, fd: int, family: int, factory):
+    """``reactor.adoptStreamPort``, except that a Unix socket keeps its mode and backlog.
+
+    Twisted's Unix port runs ``chmod(path, 0o666)`` and ``listen(50)`` on the socket it
+    adopts, as it does on one it creates: a systemd socket with ``SocketMode=0600`` would
+    become writable by every local user, and the parent's backlog would shrink to 50 for
+    all processes. So the port is built as ``adoptStreamPort`` builds it (a private
+    constructor, pinned by tests/test_workers_unit.py) and given the socket's own mode
+    and the largest backlog (the kernel caps it at ``net.core.somaxconn``; systemd's
+    default ``Backlog=`` is the same).
+    """
+    if family != socket.AF_UNIX:
+        return reactor.adoptStreamPort(fd, family, factory)
+    from twisted.internet import unix
+
+    port = unix.Port._fromListeningDescriptor(reactor, fd, factory)
+    path = port._bindPath
+    if path and not path.startswith(b"\0"):  # a name in the filesystem, not abstract
+        port.mode = stat.S_IMODE(os.stat(path).st_mode)
+    port.backlog = socket.SOMAXCONN
+    port.startListening()
+    return port
+
+
+class KeepSocketsReactor:
+    """The reactor, for endpoints: a socket they adopt (systemd's) keeps mode and backlog."""
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+
+    def __getattr__(self, name: str):
+        return getattr(self._reactor, name)
+
+    def adoptStreamPort(self, fd: int, family: int, factory):  # noqa: N802 (the interface's)
+        return adopt_stream_port(self._reactor, fd, family, factory)
 
 
 @frozen
@@ -251,8 +314,9 @@ class AdoptedListener(Service):
         probe = socket.socket(fileno=os.dup(self.fd))  # the kernel knows the family
         family = probe.family
         probe.close()
-        self.port = self.reactor.adoptStreamPort(self.fd, family, self.factory)
-        os.close(self.fd)  # adoptStreamPort made its own copy
+        self.port = adopt_stream_port(self.reactor, self.fd, family, self.factory)
+        os.close(self.fd)  # the port made its own copy
+        accept_in_turn(self.port)
 
     def stopService(self):
         super().stopService()

@@ -3,11 +3,13 @@ tokens, stop with the parent, and a killed worker is replaced."""
 
 from __future__ import annotations
 
+import collections
 import http.client
 import json
 import os
 import re
 import signal
+import socket
 
 from support.client import SESSION
 from support.processes import wait_for
@@ -143,3 +145,39 @@ def test_workers_stop_when_the_parent_is_killed(daemon_factory):
         conn.close()
     daemon.kill()  # SIGKILL: no stopService, only the closed pipe tells the worker
     wait_for(lambda: not alive(child), DEADLINE, what="the orphaned worker to stop")
+
+
+def served_by(connect, count: int) -> collections.Counter:
+    """{pid: connections} for ``count`` connections opened at once, before any request."""
+    socks = [connect() for _ in range(count)]  # all queued on the listening socket at once
+    request = b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n"  # 1.0: no chunking
+    for sock in socks:
+        sock.sendall(request)
+    pids: collections.Counter = collections.Counter()
+    for sock in socks:
+        with sock, sock.makefile("rb") as reply:
+            head, _, body = reply.read().partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+            pids[json.loads(body)["worker"]["pid"]] += 1
+    return pids
+
+
+def test_a_shared_unix_socket_spreads_connections_over_the_workers(daemon_factory, tmp_path):
+    """systemd's and Unix sockets are one socket for all workers: each must take a share.
+
+    Twisted's accept loop took all of a burst in the first process awake (200 of 200);
+    accepting one per wake-up leaves the rest to the others.
+    """
+    path = str(tmp_path / "gw.sock")
+    daemon = daemon_factory("--workers", "2", "--listen", f"unix:{path}:backlog=256")
+    pinned_to_each_worker(daemon.port, 2)  # both workers up (on the TCP endpoint)
+
+    def connect():
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(30)
+        sock.connect(path)
+        return sock
+
+    pids = served_by(connect, 200)
+    assert sum(pids.values()) == 200 and len(pids) == 2, pids
+    assert min(pids.values()) >= 20, pids  # a share each, not a handful

@@ -307,3 +307,126 @@ def test_with_several_workers_tab_routes_and_tab_only_sessions_answer_503():
     assert (answer.status, answer.code) == (503, "TAB_MODE_OFF")
     # one process without a tab registry keeps its plain 404
     assert StubGateway().call("POST", "/tab/poll", {}).status == 404
+
+
+class _Counting:
+    """A factory that counts the connections its port accepted."""
+
+    def __init__(self) -> None:
+        self.built = 0
+
+    def doStart(self) -> None:  # noqa: N802 (Twisted's names)
+        pass
+
+    def doStop(self) -> None:  # noqa: N802
+        pass
+
+    def buildProtocol(self, addr):  # noqa: N802
+        from twisted.internet.protocol import Protocol
+
+        self.built += 1
+        return Protocol()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_shared_port_accepts_one_connection_per_wake_up(reactor):
+    """Pins Twisted's accept loop: ``doRead`` takes up to ``numberAccepts`` connections.
+
+    If an upgrade renames or ignores it, the bounded port takes all three at once here.
+    """
+    bounded, unbounded = _Counting(), _Counting()
+    ports = {"bounded": reactor.listenTCP(0, bounded, interface="127.0.0.1"),
+             "unbounded": reactor.listenTCP(0, unbounded, interface="127.0.0.1")}
+    workers.accept_in_turn(ports["bounded"])
+    clients = []
+    try:
+        for port in ports.values():
+            port.stopReading()  # the test, not the reactor, calls doRead
+            for _ in range(3):
+                client = socket.create_connection(("127.0.0.1", port.getHost().port))
+                clients.append(client)
+        ports["unbounded"].doRead()
+        assert unbounded.built == 3  # Twisted's own loop: the whole queue at once
+        ports["bounded"].doRead()
+        assert bounded.built == 1
+        ports["bounded"].doRead()
+        ports["bounded"].doRead()
+        assert bounded.built == 3
+    finally:
+        for client in clients:
+            client.close()
+        for port in ports.values():
+            yield port.stopListening()
+
+
+def test_accept_in_turn_refuses_a_port_without_an_accept_loop():
+    with pytest.raises(TypeError):
+        workers.accept_in_turn(object())
+
+
+def _listening_unix_socket(path: str, mode: int) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, mode)
+    sock.listen(8)
+    sock.setblocking(False)
+    return sock
+
+
+def _queued_connections(path: str, count: int) -> int:
+    """How many of ``count`` connections the listening socket queues (none accepted)."""
+    queued = []
+    try:
+        for _ in range(count):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            try:
+                client.connect(path)
+            except BlockingIOError:  # the backlog is full
+                client.close()
+                break
+            queued.append(client)
+        return len(queued)
+    finally:
+        for client in queued:
+            client.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_adopted_unix_socket_keeps_its_mode_and_gets_the_largest_backlog(reactor, tmp_path):
+    """Twisted's own adoption chmods the socket to 0o666 and re-listens with a backlog of
+    50; ours keeps the mode systemd (or the parent) gave it. Pins the private constructor."""
+    ours, theirs = str(tmp_path / "ours.sock"), str(tmp_path / "theirs.sock")
+    sockets = [_listening_unix_socket(ours, 0o600), _listening_unix_socket(theirs, 0o600)]
+    factory = _Counting()
+    kept = workers.adopt_stream_port(reactor, sockets[0].fileno(), socket.AF_UNIX, factory)
+    stock = reactor.adoptStreamPort(sockets[1].fileno(), socket.AF_UNIX, factory)
+    for sock in sockets:
+        sock.close()
+    try:
+        assert os.stat(ours).st_mode & 0o777 == 0o600
+        assert os.stat(theirs).st_mode & 0o777 == 0o666  # why we do not use it
+        kept.stopReading()
+        stock.stopReading()
+        assert _queued_connections(ours, 200) == 200
+        assert _queued_connections(theirs, 200) < 200
+    finally:
+        yield kept.stopListening()
+        yield stock.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_endpoints_adopt_through_the_socket_keeping_reactor(reactor, tmp_path):
+    """systemd's endpoint adopts with the reactor it was given: ours keeps the mode."""
+    from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+
+    path = str(tmp_path / "systemd.sock")
+    fd = _listening_unix_socket(path, 0o660).detach()  # the endpoint closes it
+    endpoint = AdoptedStreamServerEndpoint(workers.KeepSocketsReactor(reactor), fd,
+                                           socket.AF_UNIX)
+    port = yield endpoint.listen(_Counting())
+    try:
+        assert os.stat(path).st_mode & 0o777 == 0o660
+        assert workers.KeepSocketsReactor(reactor).seconds() > 0  # everything else is the reactor's
+    finally:
+        yield port.stopListening()
