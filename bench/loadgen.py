@@ -9,7 +9,9 @@ the gaps between events.
 
 ``open``: N streams opened gradually (R a second), each on its own connection, held
 open together; every one must complete. The process ids given with ``--watch`` are
-sampled from /proc (RSS and CPU) so the peak is seen while all streams are open.
+sampled from /proc (RSS and CPU) so the peak is seen while all streams are open, and
+their main threads' scheduler statistics until the last stream's first event: how much
+of the set-up they ran on a core and how much they waited for one.
 
 The client's own CPU use is reported, so a reader can tell whether it was the limit.
 """
@@ -273,10 +275,27 @@ def proc_sample(pid: int) -> dict:
     return {"rss_kib": rss, "cpu_s": (int(fields[11]) + int(fields[12])) / ticks}
 
 
+def sched_sample(pid: int) -> tuple[float, float, float]:
+    """(now, seconds on a CPU, seconds runnable but waiting for one) of a process's main
+    thread, from /proc/PID/schedstat (the reactor's thread: the one that matters)."""
+    with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+        running, waiting = f.read().split()[:2]
+    return time.monotonic(), int(running) / 1e9, int(waiting) / 1e9
+
+
+def sched_share(before: tuple, after: tuple) -> dict:
+    """How much of a span a thread ran, and waited for a core while it could have run:
+    together near 100 %, it was bound by CPU; a large wait, by CPU others held."""
+    span = max(after[0] - before[0], 1e-9)
+    return {"running_percent": round(100 * (after[1] - before[1]) / span, 1),
+            "waiting_percent": round(100 * (after[2] - before[2]) / span, 1)}
+
+
 async def open_mode(args, request: bytes) -> dict:
     loop = asyncio.get_running_loop()
-    watch = {pid: {"base": proc_sample(pid), "peak_rss_kib": 0} for pid in args.watch}
-    state = {"open": 0, "peak_open": 0, "stop": False}
+    watch = {pid: {"base": proc_sample(pid), "peak_rss_kib": 0, "sched": sched_sample(pid)}
+             for pid in args.watch}
+    state = {"open": 0, "peak_open": 0, "stop": False, "begun": 0}
     done: list[dict] = []
     errors: dict[str, int] = {}
 
@@ -289,6 +308,10 @@ async def open_mode(args, request: bytes) -> dict:
     def streaming() -> None:
         state["open"] += 1
         state["peak_open"] = max(state["peak_open"], state["open"])
+        state["begun"] += 1
+        if state["begun"] == args.streams:  # the set-up phase ends with the last first event
+            for pid, seen in watch.items():
+                seen["setup"] = sched_share(seen["sched"], sched_sample(pid))
 
     async def one() -> None:
         # "Open" counts streams whose answer has begun and not ended: held by the server,
@@ -332,7 +355,8 @@ async def open_mode(args, request: bytes) -> dict:
         end = proc_sample(pid)
         procs[str(pid)] = {"base_rss_kib": seen["base"]["rss_kib"],
                            "peak_rss_kib": seen["peak_rss_kib"],
-                           "cpu_s": end["cpu_s"] - seen["base"]["cpu_s"]}
+                           "cpu_s": end["cpu_s"] - seen["base"]["cpu_s"],
+                           "setup": seen.get("setup")}
     return dict(digest(done, errors), peak_open=state["peak_open"], ramp_s=ramp, wall_s=wall,
                 client_cpu_s=cpu, procs=procs)
 

@@ -123,6 +123,8 @@ def rows(settings: Settings) -> list[tuple[str, str, str, dict]]:
              (case, "proxy_peak_rss_mib", f"{case}  peak RSS MiB", {}),
              (case, "proxy_cpu_ms_per_stream", f"{case}  CPU ms/stream", {}),
              (case, "proxy_cpu_s_per_1k_chunks", f"{case}  CPU s/1k chunks", {}),
+             (case, "setup_running_percent", f"{case}  set-up: on a core %", {}),
+             (case, "setup_waiting_percent", f"{case}  set-up: waiting for one %", {}),
              (case, "client_cpu_percent", f"{case}  client CPU %", {})]
     n = f"{settings.sessions // 1000}k" if settings.sessions >= 1000 else str(settings.sessions)
     for c in (1, 50):

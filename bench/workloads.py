@@ -197,10 +197,17 @@ def w3_open_streams(settings, workdir: Path, log) -> dict:
             run["proxy_cpu_percent"] = 100.0 * proxy["cpu_s"] / run["wall_s"]
             run["proxy_cpu_ms_per_stream"] = 1000.0 * proxy["cpu_s"] / settings.streams
             run["proxy_cpu_s_per_1k_chunks"] = per_thousand(proxy["cpu_s"], run["events"])
+            # Until the last stream's first event: how much its reactor thread ran, and how
+            # much it waited for a core (several workers: their mean). Near 100 % together
+            # means stream set-up was bound by CPU; the wait, by CPU the others held.
+            setups = [p["setup"] for p in serving if p.get("setup")]
+            for key in ("running_percent", "waiting_percent"):
+                run[f"setup_{key}"] = sum(p[key] for p in setups) / len(setups) if setups else None
             results.setdefault(f"open {settings.streams}", {}).setdefault(name, []).append(run)
             log(f"w3 run {rep + 1} {name}: {run['completed']}/{settings.streams} completed, "
                 f"peak open {run['peak_open']}, {run['proxy_rss_per_stream_kib']:.1f} KiB "
-                f"RSS/stream, CPU {run['proxy_cpu_percent']:.0f}%, client CPU "
+                f"RSS/stream, CPU {run['proxy_cpu_percent']:.0f}%, set-up on a core "
+                f"{run['setup_running_percent']}% + waiting {run['setup_waiting_percent']}%, client CPU "
                 f"{run['client_cpu_percent']:.0f}%, errors {run['errors']}")
     return results
 
