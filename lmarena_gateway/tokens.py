@@ -10,11 +10,13 @@ name's generation to revoke that name's.
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import hmac
 import json
 import os
 import secrets
+import threading
 
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
@@ -62,18 +64,28 @@ def load_generations(secret_path: str) -> dict[str, int]:
 
 
 def revoke(secret_path: str, name: str) -> int:
-    """Bump ``name``'s generation, atomically on disk; returns the new generation."""
-    generations = load_generations(secret_path)
-    generations[name] = generations.get(name, 0) + 1
+    """Bump ``name``'s generation, atomically on disk; returns the new generation.
+
+    Blocking (the CLI, or a thread): a lock file beside it serialises the
+    read-modify-write, so two revocations at once (two workers, the CLI beside the
+    daemon) both count instead of one overwriting the other.
+    """
     target = revocations_path(secret_path)
-    temporary = f"{target}.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
-        json.dump(generations, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(temporary, 0o600)
-    os.replace(temporary, target)
-    return generations[name]
+    lock = os.open(target + ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        generations = load_generations(secret_path)
+        generations[name] = generations.get(name, 0) + 1
+        temporary = f"{target}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(generations, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, target)
+        return generations[name]
+    finally:
+        os.close(lock)  # and with it the lock
 
 
 def make_token(secret: bytes, name: str, generation: int) -> str:

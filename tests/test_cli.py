@@ -225,3 +225,18 @@ def test_revoke_without_a_secret_says_so(tmp_path):
     code, _ = run("revoke", "team-x", "--storage", str(tmp_path / "nowhere" / "s.sqlite3"))
     assert "no registration secret" in str(code)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_revocations_all_count(tmp_path):
+    """Two revocations at once (two workers, or the CLI beside the daemon) must not lose
+    one: each read-modify-write of the revocations file holds its lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lmarena_gateway.tokens import load_generations, load_or_create_secret, revoke
+
+    secret = str(tmp_path / "registration.secret")
+    load_or_create_secret(secret)
+    with ThreadPoolExecutor(8) as pool:
+        generations = list(pool.map(lambda _: revoke(secret, "team-x"), range(80)))
+    assert sorted(generations) == list(range(1, 81))  # each bump saw the one before it
+    assert load_generations(secret) == {"team-x": 80}
