@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py --quick            # about 2 minutes, one run each
     .venv/bin/python bench/run.py                    # about 11 minutes, 3 runs each, medians
     .venv/bin/python bench/run.py --only 3 --streams 9900 --runs 1 --rate 200   # the big open-streams run
+    .venv/bin/python bench/run.py --only 3 --streams 9900 --runs 1 --rate 200 --open-paths gateway
 
 Starts a fake bridge (``lmgateway fake-bridge``), nginx as a plain reverse proxy in front
 of it and the gateway (``twistd -n lmgateway``) in front of it, all on loopback, then runs
@@ -50,6 +51,7 @@ class Settings:
     concurrency: tuple[int, ...] = (1, 50, 200)
     workloads: tuple[str, ...] = ("1", "2", "3", "4")
     workers: int = 2  # a fourth path: the gateway with --workers N (1: none)
+    open_paths: tuple[str, ...] = ()  # workload 3 on these paths only (none given: all)
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -257,6 +259,8 @@ def parse_args(argv=None) -> Settings:
     parser.add_argument("--rate", type=float, help="workload 3: new streams per second")
     parser.add_argument("--sessions", type=int, help="workload 4: sessions in the store")
     parser.add_argument("--only", default="1,2,3,4", help="workloads to run, e.g. 1,3")
+    parser.add_argument("--open-paths", default="",
+                        help="workload 3 on these paths only, e.g. gateway (the big run)")
     parser.add_argument("--workers", type=int, default=2,
                         help="also run a gateway with --workers N (1: only the one-process gateway)")
     args = parser.parse_args(argv)
@@ -268,8 +272,15 @@ def parse_args(argv=None) -> Settings:
         parser.error("--runs and --streams must be >= 1, --sessions >= 2")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
-    return Settings(workloads=tuple(args.only.replace(" ", "").split(",")),
-                    workers=args.workers, **values)
+    settings = Settings(workloads=tuple(args.only.replace(" ", "").split(",")),
+                        workers=args.workers,
+                        open_paths=tuple(p for p in args.open_paths.replace(" ", "").split(",") if p),
+                        **values)
+    unknown = set(settings.open_paths) - set(settings.paths)
+    if unknown:
+        parser.error(f"--open-paths: unknown {', '.join(sorted(unknown))} "
+                     f"(paths: {', '.join(settings.paths)})")
+    return settings
 
 
 def start_paths(workdir: Path, prefix: str, procs: list, *, delay_ms: float,

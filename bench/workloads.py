@@ -157,7 +157,7 @@ def w3_open_streams(settings, workdir: Path, log) -> dict:
     timeout = ramp + chunks + 120
     results: dict = {}
     for rep in range(settings.runs):
-        for name in settings.paths:
+        for name in settings.open_paths or settings.paths:
             run_dir = workdir / f"w3-{rep}-{name}"
             run_dir.mkdir()
             bridge, bridge_url = start_bridge(run_dir, "slow-bridge", chunks=chunks,
