@@ -23,6 +23,11 @@ class ISessionStore(IService):
     def get(domain: str, name: str) -> SessionRecord | None:
         """The session, from memory: never waits on disk or network."""
 
+    def lookup(domain: str, name: str) -> Deferred:
+        """The session from memory, else read from storage (another process may have
+        registered it a moment ago): fires with it or None; fails with a 503 ApiError
+        (STORAGE_UNAVAILABLE) when storage cannot be read. Never blocks the reactor."""
+
     def records(domain: str | None = None) -> list[SessionRecord]:
         """All sessions (of one domain), from memory."""
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import txredisapi
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -22,7 +22,14 @@ from ..sessions import Registration, SessionRecord, session_key
 from .cache import CachedSessions
 from .conversations import Conversation
 from .interfaces import ISessionStore
-from .redis_commands import RedisAddress, RedisSessions, connect, decode, parse_address
+from .redis_commands import (
+    RedisAddress,
+    RedisSessions,
+    connect,
+    decode,
+    parse_address,
+    unavailable,
+)
 
 log = Logger()
 BATCH = 500
@@ -213,6 +220,23 @@ class RedisSessionStore(CachedSessions, Service):
             return None
         record = self._cache[key] = self.with_pending_use(record)
         return record
+
+    # --- a lookup that missed in memory (CachedSessions.lookup) ---
+
+    def _read_stored(self, key: str) -> Deferred:
+        # Fails at once with a 503 while disconnected (RedisSessions._call).
+        if self.sessions is None:
+            return fail(unavailable("not started"))
+        return self.sessions.read(key)
+
+    def _found(self, key: str, stored) -> SessionRecord | None:
+        """A read at ``rev`` the channel has already passed is older than memory: memory
+        has every change up to it, so it says (a delete heard meanwhile wins). A newer
+        one is remembered; the channel's messages for it follow and agree."""
+        rev, record = stored
+        if rev <= self._seen_rev or record is None:
+            return self._cache.get(key)
+        return self._apply(rev, key, record)
 
     # --- the change listener's callbacks: the subscriber protocol calls these ---
 

@@ -61,9 +61,9 @@ def _lua(name: str) -> str:
 # Every change is one atomic script that announces itself on the channel.
 UPSERT, PUT, DELETE, TOUCH, PRUNE = (_lua(n) for n in ("upsert", "put", "delete", "touch", "prune"))
 # Conversation changes are not announced: tabs, and so conversations, are per instance.
-CONVERSATION_PUT, CONVERSATION_PRUNE = (
+CONVERSATION_PUT, CONVERSATION_PRUNE, READ = (
     files("lmarena_gateway.store").joinpath("lua", f"{n}.lua").read_text()
-    for n in ("conversation_put", "conversation_prune"))
+    for n in ("conversation_put", "conversation_prune", "read"))
 
 
 @frozen
@@ -224,6 +224,19 @@ class RedisSessions:
         keep = "1" if getattr(registration, "keep_bridge", False) else "0"
         return self.script(UPSERT, key, value, repr(record.last_activity), keep).addCallback(
             lambda reply: (int(reply[0]), decode(reply[1])))
+
+    def read(self, key: str) -> Deferred:
+        """Fires with (rev, record or None): the record as of change ``rev``, so the
+        caller can tell it from what the channel has delivered since. Unreadable: None."""
+        def parsed(reply):
+            rev, value = reply
+            try:
+                record = decode(value) if value else None
+            except (ValueError, KeyError, TypeError):
+                record = None
+            return int(rev or 0), record
+
+        return self.script(READ, key).addCallback(parsed)
 
     def put(self, record: SessionRecord) -> Deferred:
         key, value = encode(record)

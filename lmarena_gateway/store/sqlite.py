@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Iterable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -63,6 +63,13 @@ class SessionFile:
     def _get(self, key: str) -> SessionRecord | None:
         value = self.db.get(key)
         return None if value is None else decode_record(value)
+
+    def read(self, key: str) -> SessionRecord | None:
+        """One record as stored now, None if absent or unreadable (as load() skips it)."""
+        try:
+            return self._get(key)
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def write(self, record: SessionRecord) -> None:
         key, value = encode_record(record)
@@ -368,6 +375,21 @@ class DBMSessionStore(CachedSessions, Service):
 
     def _remember(self, record: SessionRecord) -> None:
         self._cache[record.key] = self.with_pending_use(record)
+
+    # --- a lookup that missed in memory (CachedSessions.lookup) ---
+
+    def _read_stored(self, key: str) -> Deferred:
+        # In the store's thread like every other read, so queued after writes this process
+        # made, and its answer comes back before any later poll's (callbacks keep order).
+        def failed(failure):
+            failure.trap(sqlite3.Error, OSError)
+            raise ApiError(503, "STORAGE_UNAVAILABLE",
+                           f"the session store cannot be read: {failure.value}", "server_error")
+
+        if self._file is None:
+            return fail(ApiError(503, "STORAGE_UNAVAILABLE", "the session store is not open",
+                                 "server_error"))
+        return self._in_thread(self._file.read, key).addErrback(failed)
 
     # --- changes made by other processes (the CLI, another daemon) ---
 
