@@ -10,9 +10,17 @@ import re
 import time
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    FirstError,
+    gatherResults,
+    inlineCallbacks,
+    succeed,
+)
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
@@ -37,6 +45,14 @@ from .upstream import IUpstream, Route
 from .workers import tab_mode_off
 
 log = Logger()
+
+
+def _all(looked: list[Deferred]) -> Deferred:
+    """Fires once every lookup has; fails with the first failure itself (an ApiError)."""
+    def first(failure: Failure) -> Failure:
+        return failure.value.subFailure if isinstance(failure.value, FirstError) else failure
+
+    return gatherResults(looked, consumeErrors=True).addErrback(first)
 
 
 def session_name_of(request) -> str:
@@ -71,6 +87,24 @@ class Proxy:
             self.tab_upstream = TabUpstream(tabs, config, clock, self.metrics, store=store)
 
     # --- session resolution ---
+
+    def routed(self, request, *, required: bool) -> Deferred:
+        """:meth:`route`, once any of the session's records missing from memory has been
+        looked for in the store: a registration another worker or instance acknowledged
+        a moment ago is not a 404 here. Hits, the usual case, never wait."""
+        name = session_name_of(request)
+        domain = (request.getHeader(b"x-target-domain") or b"lmarena.ai").decode("latin-1").strip()
+        if self.client_keys is not None:
+            self.client_keys().require(request, name)
+        domain = check_domain(domain, self.config.domains)
+        if self.store.get(domain, name) is not None:
+            return succeed(self.route(request, required=required))
+        # Paired domains matter only without a record here (a tab-only session there).
+        missing = [domain] + [d for d in self.config.tab_pairs_for(domain)
+                              if self.store.get(d, name) is None]
+        looked = [self.store.lookup(d, name) for d in missing]
+        return (looked[0] if len(looked) == 1 else _all(looked)).addCallback(
+            lambda _: self.route(request, required=required))
 
     def route(self, request, *, required: bool) -> Route:
         """The session's tabs when one is connected (on its domain, else on a paired one),
@@ -160,7 +194,9 @@ class Proxy:
     # --- the routes ---
 
     def chat(self, request) -> Deferred:
-        route = self.route(request, required=True)
+        return self.routed(request, required=True).addCallback(self._chat, request)
+
+    def _chat(self, route: Route, request) -> Deferred:
         return self.read_json_body(request, required=(("model", str), ("messages", list))) \
             .addCallback(lambda parsed: route.upstream.chat(request, route, *parsed))
 
@@ -176,17 +212,21 @@ class Proxy:
                              self._apply_alias(record, body, raw), sse=stream)
 
     def images(self, request) -> Deferred:
-        route = self.route(request, required=True)
+        return self.routed(request, required=True).addCallback(self._images, request)
+
+    def _images(self, route: Route, request) -> Deferred:
         return self.read_json_body(request, required=(("prompt", str),)) \
             .addCallback(lambda parsed: route.upstream.images(request, route, *parsed))
 
     def _model_list(self, request):
         """The upstream's models plus the session's aliases; fires with a list, or with
         bytes (the upstream's error, already set on the request)."""
-        route = self.route(request, required=False)
-        request.setHeader(b"X-Request-ID", request_id(request).encode())
-        upstream: Any = route.upstream
-        return maybeDeferred(upstream.models, request, route)
+        def routed(route: Route):
+            request.setHeader(b"X-Request-ID", request_id(request).encode())
+            upstream: Any = route.upstream
+            return upstream.models(request, route)
+
+        return self.routed(request, required=False).addCallback(routed)
 
     @inlineCallbacks
     def bridge_models(self, request, record):

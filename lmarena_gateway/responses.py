@@ -415,12 +415,13 @@ def _event_end(buffer: bytes) -> tuple[int, int] | None:
 
 def serve(proxy, request, clock):
     """The route's work; raises ApiError before anything is sent upstream."""
-    route = proxy.route(request, required=True)
+    def routed(route):
+        def parsed(result):
+            body, _ = result
+            chat = chat_request(body)
+            translator = Translator(request, body, clock, stream=chat.get("stream") is True)
+            return route.upstream.chat(translator, route, chat, None)
 
-    def parsed(result):
-        body, _ = result
-        chat = chat_request(body)
-        translator = Translator(request, body, clock, stream=chat.get("stream") is True)
-        return route.upstream.chat(translator, route, chat, None)
+        return proxy.read_json_body(request, required=()).addCallback(parsed)
 
-    return proxy.read_json_body(request, required=()).addCallback(parsed)
+    return proxy.routed(request, required=True).addCallback(routed)

@@ -78,7 +78,7 @@ class TabChannel:
         body, domain, name, tab_id = yield self._identify(request, MAX_CONNECT_BODY)
         source = body.get("models_source")
         models = parse_models(source if isinstance(source, str) else "")
-        if self.store.get(domain, name) is None:
+        if (yield self.store.lookup(domain, name)) is None:
             # A tab with a valid token creates its session, as a registration would.
             check_session_room(self.store, domain, name, self.config.max_sessions_per_domain)
             yield self.store.register(Registration(domain, name, None, None, keep_bridge=True),
