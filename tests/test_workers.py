@@ -108,6 +108,34 @@ def test_two_workers_serve_one_port_and_share_registrations_and_tokens(daemon_fa
         conn.close()
 
 
+def test_a_registration_through_one_worker_is_served_by_the_other_at_once(
+        daemon_factory, fake_bridge_process):
+    daemon = daemon_factory("--workers", "2", "--bridge-url", fake_bridge_process)
+    conns = pinned_to_each_worker(daemon.port, 2)
+    chat = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    wrong = []
+    for i in range(10):
+        # Each round a new session, registered through one worker and used at once
+        # through the other (and through fresh connections, which land on either).
+        (_, registrar), (_, other) = sorted(conns.items())[::1 if i % 2 else -1]
+        name = f"worker{i}"
+        status, body = registrar.call("POST", "/session/register", dict(SESSION, session_name=name))
+        assert status == 200, body
+        status, body = other.call("POST", "/v1/chat/completions", chat, {"X-Session-Name": name})
+        if status != 200:
+            wrong.append((name, status, body))
+        for _ in range(8):
+            fresh = Pinned(daemon.port)
+            status, body = fresh.call("POST", "/v1/chat/completions", chat,
+                                      {"X-Session-Name": name})
+            fresh.close()
+            if status != 200:
+                wrong.append((name, status, body))
+    assert wrong == []
+    for conn in conns.values():
+        conn.close()
+
+
 def test_sigterm_stops_every_worker(daemon_factory):
     daemon = daemon_factory("--workers", "3")
     pids = set(pinned_to_each_worker(daemon.port, 3))

@@ -63,3 +63,53 @@ class MemoryStore(CachedSessions, Service):
     def forget_conversation(self, domain: str, name: str, digest: str) -> Deferred:
         self._conversations.remove(session_key(domain, name), digest)
         return succeed(None)
+
+
+class Storage:
+    """What several processes share (a file, a Redis): records by key, read with a delay."""
+
+    def __init__(self, clock, latency: float = 0.01) -> None:
+        self.clock = clock
+        self.latency = latency
+        self.records: dict[str, SessionRecord] = {}
+        self.reads = 0
+        self.down = False
+
+
+@implementer(ISessionStore)
+class ProcessStore(MemoryStore):
+    """One process's store over shared ``Storage``: its memory hears nothing of the
+    others' writes (as if their poll or pub/sub had not caught up), so only a lookup's
+    read of the storage finds them. A read sees the storage as it was when it was sent,
+    and answers ``latency`` later on the clock; while ``storage.down`` it fails with 503."""
+
+    def __init__(self, storage: Storage) -> None:
+        super().__init__()
+        self.storage = storage
+
+    def register(self, registration: Registration, now: float) -> Deferred:
+        d = super().register(registration, now)
+        key = session_key(registration.domain, registration.session_name)
+        self.storage.records[key] = self._cache[key]
+        return d
+
+    def delete(self, domain: str, name: str) -> Deferred:
+        self.storage.records.pop(session_key(domain, name), None)
+        return super().delete(domain, name)
+
+    def _read_stored(self, key: str) -> Deferred:
+        from twisted.internet.task import deferLater
+
+        from lmarena_gateway.errors import ApiError
+
+        self.storage.reads += 1
+        if self.storage.down:
+            failure = ApiError(503, "STORAGE_UNAVAILABLE", "the test's storage is down",
+                               "server_error")
+            return deferLater(self.storage.clock, self.storage.latency, _raise, failure)
+        seen = self.storage.records.get(key)
+        return deferLater(self.storage.clock, self.storage.latency, lambda: seen)
+
+
+def _raise(error: Exception):
+    raise error

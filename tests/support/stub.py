@@ -76,12 +76,14 @@ class Answer:
 class StubGateway:
     """``Gateway`` + ``make_site`` over a MemoryStore, a Clock and a stubbed bridge."""
 
-    def __init__(self, bridge: Resource | None = None, **config: Any) -> None:
-        self.clock = Clock()
-        self.clock.advance(START)
+    def __init__(self, bridge: Resource | None = None, *, clock: Clock | None = None,
+                 store: Any = None, **config: Any) -> None:
+        self.clock = clock if clock is not None else Clock()
+        if clock is None:
+            self.clock.advance(START)
         self.fake = FakeBridge(self.clock, chunks=3, delay=1.0)
         self.bridge = StubTreq(bridge if bridge is not None else self.fake.app.resource())
-        self.store = MemoryStore()
+        self.store = store if store is not None else MemoryStore()
         self.config = evolve(GatewayConfig(), listen=(), bridge_url=BRIDGE, max_connections=16,
                              **config)
         self.gateway = Gateway(self.config, self.store, self.bridge, self.clock)
