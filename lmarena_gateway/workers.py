@@ -15,10 +15,12 @@ reads end-of-file and stops. The parent stops its workers with SIGTERM when it s
 forwards SIGHUP to them, and starts a worker again when one dies (after a pause that
 grows while it keeps dying young).
 
-Shared state needs no new machinery: every process opens the same store (the SQLite
-store notices other processes' writes through ``PRAGMA data_version`` within half a
-second; Redis instances already share through pub/sub) and the same registration
-secret, which each process re-reads when it changes.
+Shared state needs no new machinery: every process opens the same store and the same
+registration secret, which each process re-reads when it changes. A session missing
+from a process's memory is read from the store before any 404, so a registration
+through one worker is served by the next request to any other; updates and deletes
+reach memory within half a second (the SQLite store's ``PRAGMA data_version`` poll) or
+with Redis's pub/sub.
 """
 
 from __future__ import annotations
