@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,10 +33,81 @@ def require_binary(name: str, *candidates: str) -> str:
     pytest.skip(message)
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+IANA_EPHEMERAL = (49152, 65535)  # where the kernel has no such file (BSDs, macOS mostly)
+PORT_SPAN = 16384
+
+
+def listening_range(ephemeral: Path = EPHEMERAL_RANGE) -> range:
+    """Ports the kernel never picks as the source of an outgoing connection: up to
+    ``PORT_SPAN`` of them just below its ephemeral range, else above it."""
+    try:
+        first, last = (int(word) for word in ephemeral.read_text().split())
+    except (OSError, ValueError):
+        first, last = IANA_EPHEMERAL
+    below = range(max(1024, first - PORT_SPAN), first)
+    above = range(last + 1, min(65536, last + 1 + PORT_SPAN))
+    for ports in (below, above):
+        if len(ports) >= 1024:
+            return ports
+    return range(1024, 65536)  # next to no port is outside it: only the bind check is left
+
+
+def bindable(port: int) -> bool:
+    """Whether nothing holds the loopback port (a listener, a connection, TIME_WAIT): a bind
+    without SO_REUSEADDR says so."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def pid_offset(pid: int, span: int) -> int:
+    """Where a process starts in a span of ``span`` ports: the pid's Fibonacci hash, so that
+    pytest runs with near pids start far apart."""
+    return ((pid * 2654435769) % 2**32) * span >> 32
+
+
+class PortAllocator:
+    """Hands out each port of ``ports`` at most once, in turn from ``start``, skipping any
+    port that is held when its turn comes."""
+
+    def __init__(self, ports: range, start: int | None = None) -> None:
+        start = ports.start if start is None else start
+        if start not in ports:
+            raise ValueError(f"{start} is not one of the ports to hand out")
+        self.ports = ports
+        self._next = start
+        self._turns = len(ports)
+        self._lock = threading.Lock()  # free_port is also called from worker threads
+
+    def take(self) -> int:
+        with self._lock:
+            while self._turns:
+                port = self._next
+                self._turns -= 1
+                self._next = port + 1 if port + 1 < self.ports.stop else self.ports.start
+                if bindable(port):
+                    return port
+        raise RuntimeError(f"every port from {self.ports.start} to {self.ports.stop - 1} was "
+                           "handed out or held")
+
+
+_PORTS = listening_range()
+_allocator = PortAllocator(_PORTS, _PORTS.start + pid_offset(os.getpid(), len(_PORTS)))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port for a server a test starts later (often in another process).
+
+    A port the kernel gave to a bind on port 0 is from its ephemeral range, where any
+    process's outgoing connection may take it before the server binds it; these come from
+    below that range instead, once each, from a place set by this process's pid.
+    """
+    return _allocator.take()
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
