@@ -40,10 +40,38 @@ def raise_fd_limit(wanted: int = FD_LIMIT) -> int:
     return wanted
 
 
+def server_ports(range_file: Path = Path("/proc/sys/net/ipv4/ip_local_port_range"),
+                 pid: int | None = None) -> list[int]:
+    """The ports a run's servers may take, in the order it tries them.
+
+    The run's own clients open up to 20 000 connections, each from a port of the kernel's
+    ephemeral range, so a server's port must come from outside it: the 8192 just below it
+    (all unprivileged ones where that leaves too few), rotated by the pid so that two runs
+    at once start apart.
+    """
+    try:
+        first = int(range_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first = 49152  # IANA's start of the range, which most other kernels keep
+    low = max(1024, first - 8192)
+    ports = list(range(low, first)) if first - low >= 1024 else list(range(1024, 65536))
+    turn = (os.getpid() if pid is None else pid) * 40503 % len(ports)
+    return ports[turn:] + ports[:turn]
+
+
+_unused_ports = iter(server_ports())
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no process holds (a bind without SO_REUSEADDR passes), never the same twice."""
+    for port in _unused_ports:
+        with socket.socket() as probe:  # SO_REUSEADDR is off on a new socket
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free loopback port is left below the ephemeral range")
 
 
 def get(url: str, headers=None, timeout: float = 2.0) -> tuple[int, bytes]:

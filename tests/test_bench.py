@@ -5,6 +5,7 @@ The benchmark itself is a script (bench/run.py); these only keep it from rotting
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import loadgen  # noqa: E402
+import procs  # noqa: E402
 import run  # noqa: E402
 from procs import nginx_config  # noqa: E402
 
@@ -157,3 +159,30 @@ def test_cpu_per_thousand_and_the_events_a_run_counted():
     assert workloads.per_thousand(0.5, 0) is None
     streams = [{"ttfb": 0.01, "total": 0.2, "gaps": [0.01] * 21, "bytes": 10}] * 3
     assert loadgen.digest(streams, {})["events"] == 66
+
+
+def test_bench_server_ports_are_below_the_ephemeral_range_and_rotated_by_the_pid(tmp_path):
+    ephemeral = tmp_path / "ip_local_port_range"
+    ephemeral.write_text("32768\t60999\n")
+    ports = procs.server_ports(ephemeral, pid=1)
+    assert sorted(ports) == list(range(32768 - 8192, 32768))
+    assert ports[0] != procs.server_ports(ephemeral, pid=2)[0]
+    ephemeral.write_text("1024 65535")  # no room below: every unprivileged port
+    assert sorted(procs.server_ports(ephemeral, pid=1)) == list(range(1024, 65536))
+    assert sorted(procs.server_ports(tmp_path / "missing", pid=1)) == list(range(49152 - 8192, 49152))
+
+
+def test_bench_free_port_skips_a_held_port(monkeypatch):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        after = [port for port in procs.server_ports() if port != taken]
+        monkeypatch.setattr(procs, "_unused_ports", iter([taken, *after]))
+        assert procs.free_port() in after[:10]
+
+
+def test_bench_free_ports_are_distinct_and_below_the_ephemeral_range():
+    handed = [procs.free_port() for _ in range(100)]
+    assert len(set(handed)) == len(handed)
+    first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert max(handed) < first
