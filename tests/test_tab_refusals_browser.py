@@ -21,13 +21,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from support.processes import REQUIRE_ALL, Daemon, http, require_binary, wait_for
-from support.tabbrowser import Browser, FakeArenaProcess, Tab
+from support.processes import Daemon, http, wait_for
+from support.tabbrowser import Tab, arena_fixtures, script_for
 
 try:
     import openai
-    from playwright.async_api import async_playwright  # noqa: F401
-except ImportError:  # the `test` extra installs them
+except ImportError:  # the `test` extra installs it; without it the browser fixture stops the tests
     openai = None
 
 KEEPALIVE = 2.0
@@ -41,22 +40,7 @@ SCHEMA = ('{"success":false,"error":{"issues":[{"path":["userMessage","content"]
 EMPTY = 'ad:{"finishReason":"stop"}\n'
 _markers = itertools.count(1)
 
-
-@pytest.fixture(scope="module")
-def arena(tmp_path_factory):
-    process = FakeArenaProcess(tmp_path_factory.mktemp("arena"), delay_ms=10)
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def browser(arena):
-    if openai is None:
-        message = "openai or playwright is not installed (pip install '.[test]')"
-        pytest.fail(message) if REQUIRE_ALL else pytest.skip(message)
-    chromium = Browser(require_binary("chromium"), arena.port)
-    yield chromium
-    chromium.close()
+arena, browser = arena_fixtures(delay_ms=10)
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +52,6 @@ def gateway(tmp_path_factory):
     daemon.start()
     yield daemon
     daemon.stop()
-
-
-def script_for(gateway, name: str) -> str:
-    status, _, body = http("GET", f"{gateway.url}/userscript/{name}.user.js")
-    assert status == 200, body
-    return body.decode()
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@
   aborted, as a manager aborts them.
 - Playwright's async API runs on its own event loop in a thread, so long polls in the
   binding never block the browser; tests call :meth:`Browser.run` from pytest's thread.
+- A module gets its fake arena and its browser from :func:`arena_fixtures`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from support.processes import bin_path, free_port, http, wait_for
+import pytest
+
+from support.processes import REQUIRE_ALL, bin_path, free_port, http, require_binary, wait_for
 
 GM_WRAPPER = """(function () {
   var GM_xmlhttpRequest = function (details) {
@@ -249,3 +252,38 @@ def tabs_of(gateway) -> dict:
     status, _, body = http("GET", gateway.url + "/health")
     assert status == 200
     return body["tabs"]
+
+
+def arena_fixtures(delay_ms: float = 20):
+    """A module's ``arena`` (a :class:`FakeArenaProcess` answering after ``delay_ms``) and
+    ``browser`` (one Chromium for it) fixtures, module-scoped: bind them by those names,
+    ``arena, browser = arena_fixtures(delay_ms=10)``, and pytest finds them there."""
+
+    @pytest.fixture(scope="module", name="arena")
+    def arena(tmp_path_factory):
+        """The fake arena.ai over TLS on loopback, its answers' chunks ``delay_ms`` apart."""
+        process = FakeArenaProcess(tmp_path_factory.mktemp("arena"), delay_ms=delay_ms)
+        yield process
+        process.stop()
+
+    @pytest.fixture(scope="module", name="browser")
+    def browser(arena):
+        """One headless Chromium for the module's tabs, with arena.ai mapped to the fake."""
+        try:
+            import openai  # noqa: F401  (the tests drive the gateway with it)
+            import playwright.async_api  # noqa: F401
+        except ImportError:  # the `test` extra installs them
+            message = "openai or playwright is not installed (pip install '.[test]')"
+            pytest.fail(message) if REQUIRE_ALL else pytest.skip(message)
+        chromium = Browser(require_binary("chromium"), arena.port)
+        yield chromium
+        chromium.close()
+
+    return arena, browser
+
+
+def script_for(gateway, name: str) -> str:
+    """The userscript the gateway serves for session ``name``."""
+    status, _, body = http("GET", f"{gateway.url}/userscript/{name}.user.js")
+    assert status == 200, body
+    return body.decode()
