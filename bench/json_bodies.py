@@ -1,15 +1,18 @@
 """Does a huge JSON body stall the reactor? ``/health`` probed while million-key bodies arrive.
 
-    .venv/bin/python bench/json_bodies.py                 # about a minute
+    .venv/bin/python bench/json_bodies.py                 # about a minute, one command
     .venv/bin/python bench/json_bodies.py --keys 200000 --rounds 1 --json
 
 Starts a gateway daemon (``twistd -n lmgateway``, as in production) in front of a sink
-bridge (a separate process that reads each body and answers a fixed completion without
-parsing it, so the figures are the gateway's own), then for each case sends 1 or 4
-concurrent bodies with ``--keys`` keys (1 000 000: about 17 MiB) to
-``/v1/chat/completions`` and to ``/session/register`` while a probe asks ``GET /health``
-every ``--interval-ms`` on a kept-alive connection. It prints, per case, the longest and
-the p99 wait of the probes sent while the bodies were in flight, and the machine's load.
+bridge (nginx, which reads and discards each body and answers a fixed completion, so the
+bridge costs the two CPUs next to nothing), then for each case sends 1 or 4 concurrent
+bodies with ``--keys`` keys (1 000 000: about 17 MiB) to ``/v1/chat/completions`` and to
+``/session/register``. Meanwhile two probes, each a process of its own, ask every
+``--interval-ms`` on a kept-alive connection: one ``GET /health`` of the gateway, the
+other (the control) a fixed 200 from a second nginx that has nothing to do with the
+gateway. The control's waits are the machine's own noise floor in the same window: what
+the gateway's exceed it by is the gateway's. It prints, per case, the longest and the
+p99 wait of each probe's requests sent while the bodies were in flight, and the load.
 ``--gateway-arg`` passes options to the daemon (``--gateway-arg=--body-workers=0``: the
 reactor parses every body itself, as before the parse pool).
 """
@@ -20,12 +23,13 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,31 +42,46 @@ ANSWER = json.dumps({"id": "chatcmpl-sink", "object": "chat.completion", "create
                                "total_tokens": 2}}).encode()
 
 
-class _Sink(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+NGINX = """daemon off;
+master_process on;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 1000000;
+    client_max_body_size 0;
+    default_type application/json;
+    server {{
+        listen 127.0.0.1:{port};
+        location = /v1/models {{ return 200 '{models}'; }}
+        location / {{ return 200 '{answer}'; }}
+    }}
+}}
+"""
 
-    def _answer(self, body: bytes) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802  (http.server's name)
-        self._answer(json.dumps({"object": "list", "data": [{"id": "fake-model"}]}).encode())
-
-    def do_POST(self) -> None:  # noqa: N802
-        left = int(self.headers.get("Content-Length", "0"))
-        while left > 0:
-            left -= len(self.rfile.read(min(left, 1 << 20)))
-        self._answer(ANSWER)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-def sink(port: int) -> None:
-    ThreadingHTTPServer(("127.0.0.1", port), _Sink).serve_forever()
+def start_static(workdir: Path, name: str, answer: bytes) -> tuple[Proc, int]:
+    """An nginx answering a fixed 200 to everything (POST bodies read and dropped)."""
+    home = workdir / name
+    home.mkdir()
+    port = free_port()
+    conf = home / "nginx.conf"
+    conf.write_text(NGINX.format(dir=home, port=port, answer=answer.decode(),
+                                 models=json.dumps({"object": "list",
+                                                    "data": [{"id": "fake-model"}]})))
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    proc = Proc(name, [binary, "-p", str(home), "-c", str(conf), "-e", str(home / "error.log")],
+                workdir)
+    started(proc, lambda: proc.check() or get(f"http://127.0.0.1:{port}/v1/models")[0] == 200,
+            20, f"nginx {name}")
+    return proc, port
 
 
 def million_keys(keys: int) -> bytes:
@@ -83,40 +102,69 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, int(round(p / 100 * len(ordered))) - 1))]
 
 
-class Probe(threading.Thread):
-    """GET /health every ``interval`` seconds; records (sent at, wait) for each."""
+def probe_main(port: int, path: str, interval: float) -> None:
+    """A probe's own process: one line "sent wait ok" per request, until stdin closes."""
+    stopping = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stopping.set()), daemon=True).start()
+    out = sys.stdout
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    while not stopping.is_set():
+        sent = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+            ok = response.status == 200
+        except (OSError, http.client.HTTPException):
+            ok = False
+            connection.close()
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        wait = time.monotonic() - sent
+        out.write(f"{sent:.6f} {wait:.6f} {int(ok)}\n")
+        out.flush()
+        time.sleep(max(0.0, interval - wait))
 
-    def __init__(self, port: int, interval: float) -> None:
-        super().__init__(daemon=True)
-        self.port = port
-        self.interval = interval
+
+class Probe:
+    """``probe_main`` in a child process, its lines read back by a thread here."""
+
+    def __init__(self, port: int, path: str, interval: float) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--probe", f"{port},{path},{interval}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.samples: list[tuple[float, float]] = []
         self.failures = 0
-        self.stopping = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-    def run(self) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        while not self.stopping.is_set():
-            sent = time.monotonic()
-            try:
-                connection.request("GET", "/health")
-                response = connection.getresponse()
-                response.read()
-                ok = response.status == 200
-            except (OSError, http.client.HTTPException):
-                ok = False
-                connection.close()
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-            wait = time.monotonic() - sent
-            if ok:
-                self.samples.append((sent, wait))
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            sent, wait, ok = line.split()
+            if ok == "1":
+                self.samples.append((float(sent), float(wait)))
             else:
                 self.failures += 1
-            time.sleep(max(0.0, self.interval - wait))
-        connection.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(10)
 
     def during(self, start: float, end: float) -> list[float]:
         return [wait for sent, wait in self.samples if start <= sent <= end]
+
+
+def summary(waits: list[float]) -> dict:
+    return {"probes": len(waits),
+            "max_ms": round(max(waits) * 1000, 1) if waits else None,
+            "p99_ms": round(percentile(waits, 99) * 1000, 1) if waits else None}
 
 
 def send(port: int, path: str, body: bytes, results: list, index: int) -> None:
@@ -141,7 +189,7 @@ def send(port: int, path: str, body: bytes, results: list, index: int) -> None:
         connection.close()
 
 
-def run_case(port: int, probe: Probe, path: str, kind: str, body: bytes,
+def run_case(port: int, probe: Probe, control: Probe, path: str, kind: str, body: bytes,
              concurrency: int) -> dict:
     results: list = [None] * concurrency
     threads = [threading.Thread(target=send, args=(port, path, body, results, i))
@@ -154,12 +202,11 @@ def run_case(port: int, probe: Probe, path: str, kind: str, body: bytes,
         thread.join()
     end = time.monotonic()
     time.sleep(0.1)
-    waits = probe.during(start, end)
     return {"path": path, "body": kind, "concurrency": concurrency,
             "answers": sorted({f"{s} {c}" if c else str(s) for s, c, _ in results}),
-            "seconds": round(end - start, 3), "probes": len(waits),
-            "max_ms": round(max(waits) * 1000, 1) if waits else None,
-            "p99_ms": round(percentile(waits, 99) * 1000, 1) if waits else None}
+            "seconds": round(end - start, 3), "load": loadavg(),
+            **summary(probe.during(start, end)),
+            "control": summary(control.during(start, end))}
 
 
 def loadavg() -> str:
@@ -177,19 +224,19 @@ def main() -> int:
     parser.add_argument("--bodies", default="keys,string",
                         help="keys: --keys top-level keys; string: one prompt of the same size")
     parser.add_argument("--json", action="store_true", help="one JSON object, not a table")
-    parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)  # the bridge's own process
+    parser.add_argument("--probe", help=argparse.SUPPRESS)  # a probe's own process
     args = parser.parse_args()
-    if args.sink:
-        sink(args.sink)
+    if args.probe:
+        port, path, interval = args.probe.split(",")
+        probe_main(int(port), path, float(interval))
         return 0
     workdir = Path(tempfile.mkdtemp(prefix="lmgw-bodies-bench-"))
-    bridge_port = free_port()
-    bridge = Proc("sink", [sys.executable, __file__, "--sink", str(bridge_port)], workdir)
-    bridge_url = f"http://127.0.0.1:{bridge_port}"
-    gateway = None
+    gateway = bridge = quiet = None
+    probes: list[Probe] = []
     try:
-        started(bridge, lambda: bridge.check() or get(bridge_url + "/v1/models")[0] == 200,
-                20, "the sink bridge")
+        bridge, bridge_port = start_static(workdir, "sink", ANSWER)
+        bridge_url = f"http://127.0.0.1:{bridge_port}"
+        quiet, quiet_port = start_static(workdir, "control", b'{"status": "ok"}')
         # Big bodies are the point: allow the largest the gateway ever allows.
         gateway, url = start_gateway(workdir, "gateway", bridge_url, workdir / "s.sqlite3",
                                      extra=("--max-body", "20MiB", *args.gateway_arg))
@@ -197,15 +244,17 @@ def main() -> int:
         port = int(url.rsplit(":", 1)[1])
         keys = million_keys(args.keys)
         bodies = {"keys": keys, "string": one_string(len(keys))}
-        probe = Probe(port, args.interval_ms / 1000)
-        probe.start()
-        time.sleep(1.0)
-        idle = [w for _, w in probe.samples]
+        probe = Probe(port, "/health", args.interval_ms / 1000)
+        control = Probe(quiet_port, "/health", args.interval_ms / 1000)
+        probes = [probe, control]
+        time.sleep(1.5)
+        idle_end = time.monotonic()
+        idle = [w for sent, w in probe.samples if sent <= idle_end]
+        idle_control = control.during(0, idle_end)
         report: dict = {"keys": args.keys, "body_mib": round(len(keys) / 2**20, 1),
                         "nproc": os.cpu_count(), "load_before": loadavg(),
                         "gateway_args": args.gateway_arg,
-                        "idle": {"probes": len(idle), "max_ms": round(max(idle) * 1000, 1),
-                                 "p99_ms": round(percentile(idle, 99) * 1000, 1)},
+                        "idle": {**summary(idle), "control": summary(idle_control)},
                         "cases": []}
         for path in args.routes.split(","):
             for kind in args.bodies.split(","):
@@ -213,17 +262,20 @@ def main() -> int:
                     continue  # the same 413 as the keys: nothing new
                 for concurrency in (1, 4):
                     for _ in range(args.rounds):
-                        report["cases"].append(run_case(port, probe, path, kind, bodies[kind],
-                                                        concurrency))
+                        report["cases"].append(run_case(port, probe, control, path, kind,
+                                                        bodies[kind], concurrency))
                         gateway.check()
-        probe.stopping.set()
-        probe.join()
+        for each in probes:
+            each.stop()
         report["load_after"] = loadavg()
         report["probe_failures"] = probe.failures
+        report["control_failures"] = control.failures
     finally:
-        if gateway is not None:
-            gateway.stop()
-        bridge.stop()
+        for each in probes:
+            each.stop()
+        for proc in (gateway, bridge, quiet):
+            if proc is not None:
+                proc.stop()
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -231,16 +283,20 @@ def main() -> int:
           f"{report['nproc']} CPUs, "
           f"load {report['load_before']} -> {report['load_after']}; "
           f"gateway args: {' '.join(args.gateway_arg) or '(defaults)'}")
-    print(f"idle /health: max {report['idle']['max_ms']} ms, p99 {report['idle']['p99_ms']} ms")
-    print(f"{'route':22} {'body':6} {'n':>2} {'answers':24} {'seconds':>8} {'probes':>6} "
-          f"{'max ms':>8} {'p99 ms':>8}")
+    idle = report["idle"]
+    print(f"idle /health: max {idle['max_ms']} ms, p99 {idle['p99_ms']} ms; "
+          f"control: max {idle['control']['max_ms']} ms, p99 {idle['control']['p99_ms']} ms")
+    print(f"{'route':22} {'body':6} {'n':>2} {'answers':24} {'seconds':>7} {'probes':>6} "
+          f"{'max ms':>7} {'p99 ms':>7} {'ctl max':>7} {'ctl p99':>7}  load")
     for case in report["cases"]:
         print(f"{case['path']:22} {case['body']:6} {case['concurrency']:>2} "
               f"{', '.join(case['answers']):24} "
-              f"{case['seconds']:>8} {case['probes']:>6} {case['max_ms']!s:>8} "
-              f"{case['p99_ms']!s:>8}")
-    if report["probe_failures"]:
-        print(f"{report['probe_failures']} probes failed")
+              f"{case['seconds']:>7} {case['probes']:>6} {case['max_ms']!s:>7} "
+              f"{case['p99_ms']!s:>7} {case['control']['max_ms']!s:>7} "
+              f"{case['control']['p99_ms']!s:>7}  {case['load']}")
+    for name in ("probe", "control"):
+        if report[f"{name}_failures"]:
+            print(f"{report[f'{name}_failures']} {name} requests failed")
     return 0
 
 
