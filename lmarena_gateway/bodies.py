@@ -24,6 +24,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,6 +34,7 @@ from .errors import ApiError, parse_json
 
 log = Logger()
 THRESHOLD = 256 * 1024  # larger bodies are parsed by a worker process
+PARSE_TIMEOUT = 30.0  # seconds a worker may take over one body (--body-parse-timeout)
 MAX_VALUES = 100_000  # JSON values a body may hold, on every route
 WORKER_NICENESS = 10  # on a busy machine the reactor gets the CPU first
 _FRAME = struct.Struct("!Q")
@@ -128,12 +130,43 @@ class _Worker(ProcessProtocol):
         self.pool = pool
         self.job: Deferred | None = None
         self._buffer = bytearray()
+        self._deadline: Any = None
+        self.hung = False
         self.ended: Deferred = Deferred()
 
     def send(self, raw: bytes, job: Deferred) -> None:
         self.job = job
+        self._deadline = self.pool.clock.callLater(self.pool.timeout, self._too_slow)
         self.transport.write(_FRAME.pack(len(raw)))
         self.transport.write(raw)  # written as the pipe drains: the reactor never waits
+
+    def _too_slow(self) -> None:
+        """Stopped, swapping, stuck: a worker that is alive but does not answer is killed.
+
+        Its body fails now, and the pool forgets it at once, so the next body gets a new
+        worker without waiting for this one's end to be noticed.
+        """
+        self._deadline = None
+        self.hung = True
+        job, self.job = self.job, None
+        log.warn("a body parser process took over {timeout:g} s over one body: killed",
+                 timeout=self.pool.timeout)
+        self.pool._forget_worker(self)
+        try:
+            self.transport.signalProcess("KILL")
+        except ProcessExitedAlready:
+            pass
+        if job is not None and not job.called:
+            job.errback(ApiError(503, "BODY_PARSER_UNAVAILABLE",
+                                 f"the gateway's body parser did not finish this body in "
+                                 f"{self.pool.timeout:g} s (--body-parse-timeout); retry",
+                                 "server_error"))
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
 
     def outReceived(self, data: bytes) -> None:
         self._buffer += data
@@ -144,6 +177,7 @@ class _Worker(ProcessProtocol):
             return
         payload = bytes(memoryview(self._buffer)[_FRAME.size:_FRAME.size + size])
         del self._buffer[:_FRAME.size + size]
+        self._cancel_deadline()
         job, self.job = self.job, None
         self.pool._idle(self)
         if job is None or job.called:
@@ -159,6 +193,7 @@ class _Worker(ProcessProtocol):
         log.warn("body parser: {text}", text=data.decode("utf-8", "replace").rstrip()[-2000:])
 
     def processEnded(self, reason: Failure) -> None:
+        self._cancel_deadline()
         job, self.job = self.job, None
         if job is not None and not job.called:
             job.errback(ApiError(503, "BODY_PARSER_UNAVAILABLE",
@@ -173,23 +208,28 @@ class BodyPool(Service):
     """Up to ``workers`` child processes that parse large bodies; more bodies wait their turn.
 
     A worker is started when a body needs one, and then stays: a gateway that never sees
-    a large body runs none. One that ends (killed, out of memory) fails its body with 503
+    a large body runs none. One that ends (killed, out of memory), or that takes more
+    than ``timeout`` seconds over one body (and is then killed), fails its body with 503
     ``BODY_PARSER_UNAVAILABLE``, and the next body starts another.
     """
 
-    def __init__(self, reactor, workers: int) -> None:
+    def __init__(self, reactor, workers: int, *, timeout: float = PARSE_TIMEOUT,
+                 clock=None) -> None:
         self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.timeout = timeout
         self.workers = workers
         self._all: list[_Worker] = []
         self._idle_workers: deque[_Worker] = deque()
         self._queue: deque[tuple[bytes, Deferred]] = deque()
+        self._killed: list[_Worker] = []  # hung workers killed, until their end is seen
 
     def stopService(self):
         super().stopService()
         for _raw, job in list(self._queue):
             job.cancel()
         self._queue.clear()
-        waits = [w.ended for w in self._all]
+        waits = [w.ended for w in self._all + self._killed]
         for worker in self._all:
             worker.transport.closeStdin()  # the worker exits at the end of its input
         return DeferredList(waits)
@@ -226,7 +266,17 @@ class BodyPool(Service):
             self._idle_workers.append(worker)
             self._next()
 
+    def _forget_worker(self, worker: _Worker) -> None:
+        self._all.remove(worker)
+        if worker in self._idle_workers:
+            self._idle_workers.remove(worker)
+        self._killed.append(worker)
+        self._next()
+
     def _ended(self, worker: _Worker, reason: Failure) -> None:
+        if worker in self._killed:
+            self._killed.remove(worker)
+            return  # already replaced when it was killed
         self._all.remove(worker)
         if worker in self._idle_workers:
             self._idle_workers.remove(worker)

@@ -73,6 +73,7 @@ class GatewayConfig:
     log_requests: bool = False
     max_body: int = 20 * 1024 * 1024
     body_workers: int = 2  # processes parsing bodies over 256 KiB; 0: the reactor parses all
+    body_parse_timeout: float = 30.0  # a worker slower than this over one body is killed
     connect_timeout: float = 10.0
     stream_idle_timeout: float = 360.0
     keepalive: float = 15.0
@@ -211,6 +212,9 @@ SETTINGS = (
     Setting("body_workers", "body-workers", "GATEWAY_BODY_WORKERS", parse_nonneg_count,
             "Processes that parse JSON bodies over 256 KiB, off the reactor (0: the reactor "
             "parses every body)"),
+    Setting("body_parse_timeout", "body-parse-timeout", "GATEWAY_BODY_PARSE_TIMEOUT",
+            parse_positive, "Seconds a body parser process may take over one body; then it "
+            "is killed and the body gets 503 BODY_PARSER_UNAVAILABLE"),
     Setting("connect_timeout", "connect-timeout", "GATEWAY_CONNECT_TIMEOUT", parse_positive,
             "Seconds to wait for a TCP connection to a bridge"),
     Setting("stream_idle_timeout", "stream-idle-timeout", "GATEWAY_STREAM_IDLE_TIMEOUT",

@@ -241,7 +241,7 @@ def make_service(config: GatewayConfig, reactor, *, client=None, store=None,
 
     bodies = Bodies()
     if config.body_workers > 0:
-        parsers = BodyPool(reactor, config.body_workers)
+        parsers = BodyPool(reactor, config.body_workers, timeout=config.body_parse_timeout)
         parsers.setName("body-parsers")
         parsers.setServiceParent(root)
         bodies = Bodies(parsers)

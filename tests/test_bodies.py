@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
+import struct
 
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 
 from lmarena_gateway.bodies import MAX_VALUES, THRESHOLD, Bodies, BodyPool, decode
 from lmarena_gateway.errors import ApiError
 
 from support.client import SESSION, call
+from support.fakeprocess import ProcessReactor
 from support.stub import StubGateway, result_of
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -241,3 +245,68 @@ async def test_health_is_answered_while_a_million_key_body_is_being_parsed(gatew
     response = await big
     body = json.loads(await treq.content(response))
     assert (response.code, body["error"]["code"]) == (413, "BODY_TOO_COMPLEX")
+
+
+# --- a worker that is alive but never answers ---
+
+def answer_frame(value) -> bytes:
+    payload = pickle.dumps(("ok", value))
+    return struct.pack("!Q", len(payload)) + payload
+
+
+def test_a_hung_worker_is_killed_at_the_deadline_and_the_next_body_gets_a_new_one():
+    reactor, clock = ProcessReactor(), Clock()
+    pool = BodyPool(reactor, 1, timeout=30.0, clock=clock)
+    pool.startService()
+    stuck = pool.submit(b'{"a": 1}')
+    waiting = pool.submit(b'{"b": 2}')  # queued behind the stuck body: one worker only
+    (first,) = reactor.children
+    clock.advance(29.9)
+    assert answered(stuck) == [] and first.signals == []
+    clock.advance(0.2)
+    failure = answered(stuck)[0]
+    assert (failure.value.status, failure.value.code) == (503, "BODY_PARSER_UNAVAILABLE")
+    assert json.loads(failure.value.body())["error"]["type"] == "server_error"
+    assert first.signals == ["KILL"]
+    # The queued body went to a new worker at once, before the kill's end was seen.
+    assert len(reactor.children) == 2
+    second = reactor.children[1]
+    second.protocol.outReceived(answer_frame({"b": 2}))
+    assert answered(waiting) == [{"b": 2}]
+    first.end(signal=9)  # the killed one's end, late: nothing more happens
+    assert pool.processes == 1 and answered(stuck)[0] is failure
+    assert clock.getDelayedCalls() == []  # an answered body leaves no deadline running
+
+
+def test_an_answer_in_time_cancels_the_deadline():
+    reactor, clock = ProcessReactor(), Clock()
+    pool = BodyPool(reactor, 1, timeout=30.0, clock=clock)
+    pool.startService()
+    job = pool.submit(b'{"a": 1}')
+    clock.advance(29.0)
+    reactor.children[0].protocol.outReceived(answer_frame({"a": 1}))
+    clock.advance(60.0)
+    assert answered(job) == [{"a": 1}]
+    assert reactor.children[0].signals == [] and pool.processes == 1
+
+
+@pytest.mark.process
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_worker_is_killed_and_replaced(reactor):
+    pool = BodyPool(reactor, 1, timeout=1.0)
+    pool.startService()
+    try:
+        big = padded(CHAT, 1024 * 1024)
+        assert await pool.submit(big) == json.loads(big)
+        pid = pool._all[0].transport.pid
+        os.kill(pid, signal.SIGSTOP)  # alive, holding its next body forever
+        with pytest.raises(ApiError) as caught:
+            await pool.submit(big)
+        assert (caught.value.status, caught.value.code) == (503, "BODY_PARSER_UNAVAILABLE")
+        assert await pool.submit(big) == json.loads(big)
+        assert pool._all[0].transport.pid != pid
+    finally:
+        await pool.stopService()
+    assert pool.processes == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the stopped one was killed, and reaped
