@@ -11,6 +11,7 @@ import re
 import time
 import uuid
 from typing import TYPE_CHECKING
+from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.web.resource import IResource
@@ -26,7 +27,9 @@ if TYPE_CHECKING:
     from .gateway import Gateway
 
 log = Logger()
-MAX_SESSION_BODY = 64 * 1024
+MAX_SESSION_BODY = 64 * 1024  # every route's body cap but the ones below
+# Routes that read more; the /v1 routes read up to --max-body. (tabchannel.py's limits.)
+ROUTE_BODY_CAPS = {b"/tab/connect": 8 * 1024 * 1024, b"/tab/push": 4 * 1024 * 1024}
 ALLOW_METHODS = b"GET, POST, DELETE, OPTIONS"
 ALLOW_HEADERS = b"Content-Type, Authorization, X-Session-Name, X-Target-Domain, X-Request-ID"
 _SLASHES = re.compile(rb"//+")
@@ -180,9 +183,20 @@ class GatewayRequest(Request):
     largest any route accepts, however it is sent."""
 
     request_id = ""  # set by FrontDoor.render, read by the log, the relay and the proxy
-    body_cap = 20 * 1024 * 1024
+    body_cap = 20 * 1024 * 1024  # the site's; the channel sets each request's own (cap_for)
     too_large = False
     _received = 0
+
+    @classmethod
+    def cap_for(cls, target: bytes) -> int:
+        """The most body the route of ``target`` (the request line's) reads; never more
+        than the site's cap. Said while the headers arrive, so a /session/register body
+        is refused at 64 KiB, not at --max-body."""
+        path = unquote_to_bytes(target.split(b"?", 1)[0])
+        path = _SLASHES.sub(b"/", path).rstrip(b"/") or b"/"  # as FrontDoor forgives it
+        if path.startswith(b"/v1/"):
+            return cls.body_cap
+        return min(ROUTE_BODY_CAPS.get(path, MAX_SESSION_BODY), cls.body_cap)
 
     def handleContentChunk(self, data: bytes) -> None:
         self._received += len(data)
@@ -191,7 +205,7 @@ class GatewayRequest(Request):
                 self.too_large = True
                 refuse = getattr(self.channel, "body_too_large", None)
                 if refuse is not None:
-                    refuse()  # 413 at once; nothing more of the body is read
+                    refuse(self.body_cap)  # 413 at once; nothing more of the body is read
             return
         super().handleContentChunk(data)
 

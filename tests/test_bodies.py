@@ -310,3 +310,47 @@ async def test_a_stopped_worker_is_killed_and_replaced(reactor):
     assert pool.processes == 0
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # the stopped one was killed, and reaped
+
+
+# --- a small route stops reading at its own cap ---
+
+def _refused_early(port: int, head: bytes, body_part: bytes) -> tuple[bytes, int]:
+    """Sends the headers and the start of a body that is never finished; returns what the
+    gateway answered and how many body bytes it could have read."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head + body_part)
+        answer = b""
+        while not answer.endswith(b"}"):
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    return answer, len(body_part)
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n" % len(data) + data + b"\r\n"
+
+
+@pytest.mark.process
+@pytest_twisted.ensureDeferred
+async def test_register_refuses_at_its_own_cap_over_real_http(gateway_factory):
+    from twisted.internet.threads import deferToThread
+
+    gw = await gateway_factory()
+    port = int(gw.url.rsplit(":", 1)[1])
+    declared = (b"POST /session/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                b"\r\nContent-Length: %d\r\n\r\n" % (16 * 1024 * 1024))
+    chunked = (b"POST /session/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+               b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+    cases = [(declared, b""),  # said in the headers: refused before one byte of the body
+             (chunked, _chunk(b" " * 40_000) + _chunk(b" " * 40_000))]  # 80 KB of 16 MiB
+    for head, part in cases:
+        answer, sent = await deferToThread(_refused_early, port, head, part)
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 413 "), answer[:200]
+        error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+        assert (error["code"], error["type"]) == ("BODY_TOO_LARGE", "invalid_request_error")
+        assert sent < 100_000  # answered with at most this much of a 16 MiB body read

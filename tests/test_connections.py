@@ -166,3 +166,50 @@ def test_a_malformed_header_line_gets_the_envelope():
     protocol.dataReceived(b"GET /quick HTTP/1.1\r\nno colon here\r\n\r\n")
     status, body = envelope(transport)
     assert (status, body["error"]["code"]) == (400, "INVALID_HTTP")
+
+
+# --- each route's own cap, said while the headers arrive ---
+
+
+def test_a_declared_length_over_a_small_routes_cap_is_refused_before_the_body():
+    protocol, transport = connect(site()[0])  # the site's cap: 20 MiB
+    protocol.dataReceived(b"POST /session/register HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Length: %d\r\n\r\n" % (64 * 1024 + 1))
+    status, body = envelope(transport)
+    assert (status, body["error"]["code"]) == (413, "BODY_TOO_LARGE")
+    assert str(64 * 1024) in body["error"]["message"]
+    assert transport.disconnecting
+
+
+def test_the_v1_routes_keep_the_sites_cap():
+    protocol, transport = connect(site()[0])
+    protocol.dataReceived(b"POST /v1//chat/completions/?x=1 HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Length: %d\r\n\r\n" % (1024 * 1024))
+    assert transport.value() == b"" and not transport.disconnecting
+
+
+def test_a_chunked_body_stops_at_its_routes_cap():
+    protocol, transport = connect(site()[0])
+    protocol.dataReceived(b"POST /session//register HTTP/1.1\r\nHost: x\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n")
+    protocol.dataReceived(b"8000\r\n" + b"x" * 0x8000 + b"\r\n")  # 32 KiB: under the cap
+    assert transport.value() == b""
+    protocol.dataReceived(b"8001\r\n" + b"x" * 0x8001 + b"\r\n")  # one byte past 64 KiB
+    status, body = envelope(transport)
+    assert (status, body["error"]["code"]) == (413, "BODY_TOO_LARGE")
+    assert transport.disconnecting
+
+
+def test_route_caps():
+    from lmarena_gateway.site import GatewayRequest
+
+    capped = type("Capped", (GatewayRequest,), {"body_cap": 20 << 20})
+    assert capped.cap_for(b"/v1/chat/completions") == 20 << 20
+    assert capped.cap_for(b"/v1/responses?stream=1") == 20 << 20
+    assert capped.cap_for(b"/session/register") == 64 << 10
+    assert capped.cap_for(b"/session%2Fregister") == 64 << 10
+    assert capped.cap_for(b"/tab/connect") == 8 << 20
+    assert capped.cap_for(b"/tab/push/") == 4 << 20
+    assert capped.cap_for(b"/anything/else") == 64 << 10
+    small = type("Small", (GatewayRequest,), {"body_cap": 1 << 20})
+    assert small.cap_for(b"/tab/connect") == 1 << 20  # never more than the site's cap
