@@ -6,6 +6,12 @@ stalled every other request for 1-5 s. Every route that parses a JSON body asks
 few milliseconds at most); a larger one goes to one of a few child processes
 (:class:`BodyPool`, ``--body-workers``), which parse it and send the value back pickled.
 
+The reactor never holds a large body whole for this: a body still in twisted.web's
+temporary file (:class:`FileBody`) is written to the worker in 64 KiB pieces as the pipe
+drains, the answer is unpickled from the receive buffer without a copy, and a model
+alias that rewrites the body for the bridge is applied in the worker, which sends the
+rewritten bytes back (re-serialising 16 MiB on the reactor took 46 ms).
+
 Sending back a million-key value would cost the reactor as much as parsing it, so a
 body of more than :data:`MAX_VALUES` JSON values (objects, arrays, strings, numbers,
 ...) is refused, whatever its size, with 413 ``BODY_TOO_COMPLEX``. A legitimate request
@@ -15,16 +21,20 @@ is one string, whose round trip costs a copy.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import pickle
 import struct
 import sys
 from collections import deque
-from typing import Any
+from typing import Any, Union
 
+from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,6 +48,41 @@ PARSE_TIMEOUT = 30.0  # seconds a worker may take over one body (--body-parse-ti
 MAX_VALUES = 100_000  # JSON values a body may hold, on every route
 WORKER_NICENESS = 10  # on a busy machine the reactor gets the CPU first
 _FRAME = struct.Struct("!Q")
+CHUNK = 64 * 1024  # what the reactor copies of a large body at a time
+
+
+@frozen
+class FileBody:
+    """A body left in the file twisted.web received it into, read in pieces, never whole
+    on the reactor; ``read`` gives it whole, for the few places that need bytes."""
+
+    file: Any
+    size: int
+
+    @classmethod
+    def of(cls, content) -> "FileBody":
+        content.seek(0, io.SEEK_END)
+        size = content.tell()
+        content.seek(0)
+        return cls(content, size)
+
+    def read(self) -> bytes:
+        self.file.seek(0)
+        return self.file.read(self.size)
+
+    def __len__(self) -> int:
+        return self.size
+
+
+Body = Union[bytes, FileBody]
+
+
+def rewritten(value: Any, aliases: dict[str, str] | None) -> bytes | None:
+    """The body as the bridge gets it when its model is one of the session's aliases."""
+    model = value.get("model") if isinstance(value, dict) else None
+    if not aliases or not isinstance(model, str) or model not in aliases:
+        return None
+    return json.dumps(dict(value, model=aliases[model])).encode()
 
 
 def decode(raw: bytes) -> Any:
@@ -65,20 +110,31 @@ def _more_values_than(value: Any, limit: int) -> bool:
     return False
 
 
-def _answer(raw: bytes) -> bytes:
-    """What a worker sends back for one body: a pickled ("ok", value) or ("error", ...)."""
+def _answer(raw: bytes, aliases: dict[str, str] | None = None) -> bytes:
+    """What a worker sends back for one body: a pickled ("ok", value, rewritten) or
+    ("error", ...)."""
     try:
-        result: tuple = ("ok", decode(raw))
+        value = decode(raw)
+        result: tuple = ("ok", value, rewritten(value, aliases))
     except ApiError as e:
         result = ("error", e.status, e.code, e.message)
     return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _result(payload: bytes) -> Any:
+def _result(payload) -> tuple[Any, bytes | None]:
+    """``payload`` is any buffer: the worker's answer is unpickled where it arrived."""
     kind, *rest = pickle.loads(payload)
     if kind == "ok":
-        return rest[0]
+        return rest[0], rest[1]
     raise ApiError(*rest)
+
+
+def _inline(body: Body, aliases: dict[str, str] | None) -> Deferred:
+    try:
+        value = decode(body.read() if isinstance(body, FileBody) else body)
+        return succeed((value, rewritten(value, aliases)))
+    except ApiError as e:
+        return fail(e)
 
 
 class IBodyPool(Interface):
@@ -86,8 +142,9 @@ class IBodyPool(Interface):
 
     running = Attribute("whether it takes jobs now")
 
-    def submit(raw: bytes) -> Deferred:
-        """Fires with the body's value, or fails with its ApiError."""
+    def submit(body: Body, aliases: dict[str, str] | None = None) -> Deferred:
+        """Fires with (value, the body rewritten for an alias or None), or fails with its
+        ApiError."""
         raise NotImplementedError
 
 
@@ -97,28 +154,55 @@ class InlinePool:
 
     running = True
 
-    def submit(self, raw: bytes) -> Deferred:
-        try:
-            return succeed(decode(raw))
-        except ApiError as e:
-            return fail(e)
+    def submit(self, body: Body, aliases: dict[str, str] | None = None) -> Deferred:
+        return _inline(body, aliases)
 
 
 class Bodies:
-    """The one way a route turns a body's bytes into its value."""
+    """The one way a route turns a body into its value."""
 
     def __init__(self, pool: Any = None, *, threshold: int = THRESHOLD) -> None:
         """``pool`` provides IBodyPool; without one, every body is parsed on the reactor."""
         self.pool = pool
         self.threshold = threshold
 
-    def parse(self, raw: bytes) -> Deferred:
-        if len(raw) > self.threshold and self.pool is not None and self.pool.running:
-            return self.pool.submit(raw)
+    def parse(self, body: Body) -> Deferred:
+        return self.parse_for_bridge(body).addCallback(lambda parsed: parsed[0])
+
+    def parse_for_bridge(self, body: Body, aliases: dict[str, str] | None = None) -> Deferred:
+        """Fires with (value, what to forward): the body itself, or, when its model is one
+        of ``aliases``, the body rewritten to the alias's target."""
+        if len(body) > self.threshold and self.pool is not None and self.pool.running:
+            parsed = self.pool.submit(body, aliases)
+        else:
+            parsed = _inline(body, aliases)
+        return parsed.addCallback(lambda result: (result[0], result[1] or body))
+
+
+@implementer(IPullProducer)
+class _Feed:
+    """Writes one body to a worker's stdin, a piece each time the pipe has drained."""
+
+    def __init__(self, transport, source: FileBody) -> None:
+        self.transport = transport
+        self.source = source
+        self.left = source.size
+
+    def resumeProducing(self) -> None:
         try:
-            return succeed(decode(raw))
-        except ApiError as e:
-            return fail(e)
+            chunk = self.source.file.read(min(CHUNK, self.left)) if self.left else b""
+        except (ValueError, OSError):  # closed: the client left, its job is dropped
+            chunk = b""
+        self.left -= len(chunk)
+        if len(chunk) == 0 and self.left:  # the file is shorter than it said: pad it so
+            chunk, self.left = b" " * self.left, 0  # the frame still ends (a parse error)
+        if chunk:
+            self.transport.write(chunk)
+        if not self.left:
+            self.transport.unregisterProducer()
+
+    def stopProducing(self) -> None:
+        self.left = 0
 
 
 class _Worker(ProcessProtocol):
@@ -134,11 +218,16 @@ class _Worker(ProcessProtocol):
         self.hung = False
         self.ended: Deferred = Deferred()
 
-    def send(self, raw: bytes, job: Deferred) -> None:
+    def send(self, body: Body, aliases: dict[str, str] | None, job: Deferred) -> None:
         self.job = job
         self._deadline = self.pool.clock.callLater(self.pool.timeout, self._too_slow)
-        self.transport.write(_FRAME.pack(len(raw)))
-        self.transport.write(raw)  # written as the pipe drains: the reactor never waits
+        options = pickle.dumps(aliases or {}, protocol=pickle.HIGHEST_PROTOCOL)
+        self.transport.write(_FRAME.pack(len(options)) + options + _FRAME.pack(len(body)))
+        source = body if isinstance(body, FileBody) else FileBody(io.BytesIO(body), len(body))
+        source.file.seek(0)
+        # Written as the pipe drains, a piece at a time: the reactor never waits, and never
+        # joins the whole body into its write buffer.
+        self.transport.registerProducer(_Feed(self.transport, source), False)
 
     def _too_slow(self) -> None:
         """Stopped, swapping, stuck: a worker that is alive but does not answer is killed.
@@ -175,19 +264,28 @@ class _Worker(ProcessProtocol):
         (size,) = _FRAME.unpack_from(self._buffer)
         if len(self._buffer) < _FRAME.size + size:
             return
-        payload = bytes(memoryview(self._buffer)[_FRAME.size:_FRAME.size + size])
-        del self._buffer[:_FRAME.size + size]
+        end = _FRAME.size + size
         self._cancel_deadline()
         job, self.job = self.job, None
+        error: ApiError | None = None
+        result = None
+        if job is not None and not job.called:  # a cancelled job's answer is dropped
+            with memoryview(self._buffer) as view, view[_FRAME.size:end] as payload:
+                try:
+                    result = _result(payload)
+                except ApiError as e:
+                    error = e
+        if len(self._buffer) == end:
+            self._buffer = bytearray()
+        else:
+            del self._buffer[:end]
         self.pool._idle(self)
         if job is None or job.called:
-            return  # a cancelled job's answer is dropped
-        try:
-            value = _result(payload)
-        except ApiError as e:
-            job.errback(e)
+            return
+        if error is not None:
+            job.errback(error)
         else:
-            job.callback(value)
+            job.callback(result)
 
     def errReceived(self, data: bytes) -> None:
         log.warn("body parser: {text}", text=data.decode("utf-8", "replace").rstrip()[-2000:])
@@ -221,12 +319,12 @@ class BodyPool(Service):
         self.workers = workers
         self._all: list[_Worker] = []
         self._idle_workers: deque[_Worker] = deque()
-        self._queue: deque[tuple[bytes, Deferred]] = deque()
+        self._queue: deque[tuple[Body, dict[str, str] | None, Deferred]] = deque()
         self._killed: list[_Worker] = []  # hung workers killed, until their end is seen
 
     def stopService(self):
         super().stopService()
-        for _raw, job in list(self._queue):
+        for _body, _aliases, job in list(self._queue):
             job.cancel()
         self._queue.clear()
         waits = [w.ended for w in self._all + self._killed]
@@ -234,14 +332,14 @@ class BodyPool(Service):
             worker.transport.closeStdin()  # the worker exits at the end of its input
         return DeferredList(waits)
 
-    def submit(self, raw: bytes) -> Deferred:
+    def submit(self, body: Body, aliases: dict[str, str] | None = None) -> Deferred:
         job: Deferred = Deferred(self._forget)
-        self._queue.append((raw, job))
+        self._queue.append((body, aliases, job))
         self._next()
         return job
 
     def _forget(self, job: Deferred) -> None:
-        self._queue = deque(entry for entry in self._queue if entry[1] is not job)
+        self._queue = deque(entry for entry in self._queue if entry[2] is not job)
 
     def _start(self) -> _Worker:
         worker = _Worker(self)
@@ -257,9 +355,9 @@ class BodyPool(Service):
                 if len(self._all) >= self.workers or not self.running:
                     return
                 self._idle_workers.append(self._start())
-            raw, job = self._queue.popleft()
+            body, aliases, job = self._queue.popleft()
             if not job.called:
-                self._idle_workers.popleft().send(raw, job)
+                self._idle_workers.popleft().send(body, aliases, job)
 
     def _idle(self, worker: _Worker) -> None:
         if worker in self._all:
@@ -289,6 +387,15 @@ class BodyPool(Service):
         return len(self._all)
 
 
+def _read_frame(source) -> bytes | None:
+    head = source.read(_FRAME.size)
+    if len(head) < _FRAME.size:
+        return None
+    (size,) = _FRAME.unpack(head)
+    data = source.read(size)
+    return data if len(data) == size else None
+
+
 def worker_main() -> None:
     """A worker: bodies in on stdin, answers out on stdout, until stdin ends."""
     try:
@@ -297,14 +404,11 @@ def worker_main() -> None:
         pass
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     while True:
-        head = source.read(_FRAME.size)
-        if len(head) < _FRAME.size:
+        options = _read_frame(source)
+        raw = _read_frame(source)
+        if options is None or raw is None:
             return
-        (size,) = _FRAME.unpack(head)
-        raw = source.read(size)
-        if len(raw) < size:
-            return
-        answer = _answer(raw)
+        answer = _answer(raw, pickle.loads(options))
         sink.write(_FRAME.pack(len(answer)))
         sink.write(answer)
         sink.flush()

@@ -114,7 +114,7 @@ def make_http_client(reactor, config: GatewayConfig):
     tls = HandshakeDeadline(BrowserLikePolicyForHTTPS(), reactor, config.connect_timeout)
     endpoints = BridgeEndpoints(reactor, connect_timeout=config.connect_timeout, tls_policy=tls)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-    return BridgeClient(agent), pool
+    return BridgeClient(agent, clock=reactor), pool
 
 
 @frozen

@@ -65,7 +65,7 @@ class GatewayChannel(HTTPChannel):
         """The current request's route's cap, from its request line.
 
         twisted.web keeps the request line's target in the private ``_path`` until the
-        body has arrived, and gives it to the Request only then; tests/test_request_costs.py
+        body has arrived, and gives it to the Request only then; tests/test_twisted_private.py
         fails loudly if an upgrade moves it. Without it, the site's cap applies.
         """
         factory = self.requestFactory

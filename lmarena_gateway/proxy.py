@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from .bodies import Bodies
+from .bodies import Bodies, Body, FileBody
 from .bridge import (
     Upstream,
     cancelled,
@@ -165,16 +165,27 @@ class Proxy:
             headers.setRawHeaders(b"X-LMArena-Domain", [record.domain.encode()])
         return headers
 
-    def read_json_body(self, request, *, required: tuple[tuple[str, type], ...]) -> Deferred:
-        """Fires with (body, raw): a large body is parsed off the reactor (bodies.py)."""
-        raw = request.content.read(self.config.max_body + 1)
-        if len(raw) > self.config.max_body:
+    def read_json_body(self, request, *, required: tuple[tuple[str, type], ...],
+                       aliases: dict[str, str] | None = None) -> Deferred:
+        """Fires with (body, what to forward): a large body is parsed off the reactor, and
+        left in its file (bodies.py); with ``aliases``, what to forward has its model
+        rewritten to the alias's target, by the worker for a large body."""
+        content = FileBody.of(request.content)
+        if content.size > self.config.max_body:
             raise ApiError(413, "BODY_TOO_LARGE",
                            f"the request body is over {self.config.max_body} bytes")
-        return self.bodies.parse(raw).addCallback(self._checked, raw, required)
+        raw: Body = content if content.size > self.bodies.threshold else content.read()
+        return self.bodies.parse_for_bridge(raw, aliases).addCallback(self._checked, required)
+
+    def _aliases(self, route: Route) -> dict[str, str] | None:
+        """The session's model aliases, applied as the body is parsed: on the bridge path."""
+        if route.upstream is self.bridge and route.record is not None:
+            return dict(route.record.models) or None
+        return None
 
     @staticmethod
-    def _checked(body, raw: bytes, required: tuple[tuple[str, type], ...]) -> tuple[dict, bytes]:
+    def _checked(parsed, required: tuple[tuple[str, type], ...]) -> tuple[dict, Body]:
+        body, raw = parsed
         if not isinstance(body, dict):
             raise ApiError(400, "INVALID_REQUEST", "the body must be a JSON object")
         for name, kind in required:
@@ -185,11 +196,12 @@ class Proxy:
         return body, raw
 
     @staticmethod
-    def _apply_alias(record, body: dict, raw: bytes) -> bytes:
+    def _serialised(record, body: dict) -> bytes:
+        """A body built here (not the client's) as the bridge gets it, alias applied."""
         model = body.get("model")
-        if record is None or not isinstance(model, str) or model not in record.models:
-            return raw
-        return json.dumps(dict(body, model=record.models[model])).encode()
+        if record is not None and isinstance(model, str) and model in record.models:
+            body = dict(body, model=record.models[model])
+        return json.dumps(body).encode()
 
     # --- the routes ---
 
@@ -197,25 +209,27 @@ class Proxy:
         return self.routed(request, required=True).addCallback(self._chat, request)
 
     def _chat(self, route: Route, request) -> Deferred:
-        return self.read_json_body(request, required=(("model", str), ("messages", list))) \
+        return self.read_json_body(request, required=(("model", str), ("messages", list)),
+                                   aliases=self._aliases(route)) \
             .addCallback(lambda parsed: route.upstream.chat(request, route, *parsed))
 
-    def forward_chat(self, request, record, body: dict, raw: bytes | None = None) -> Deferred:
+    def forward_chat(self, request, record, body: dict, raw: Body | None = None) -> Deferred:
         """The chat path every chat-shaped request takes (/v1/responses translates into it).
 
         ``request`` is whatever the answer is written to: the client's request, or a
-        translator standing in for it.
+        translator standing in for it. ``raw`` is the client's body as read_json_body
+        gave it (its alias already applied); None: ``body`` is serialised here.
         """
         stream = body.get("stream") is True
-        raw = json.dumps(body).encode() if raw is None else raw
-        return self._forward(request, record, "/v1/chat/completions",
-                             self._apply_alias(record, body, raw), sse=stream)
+        raw = self._serialised(record, body) if raw is None else raw
+        return self._forward(request, record, "/v1/chat/completions", raw, sse=stream)
 
     def images(self, request) -> Deferred:
         return self.routed(request, required=True).addCallback(self._images, request)
 
     def _images(self, route: Route, request) -> Deferred:
-        return self.read_json_body(request, required=(("prompt", str),)) \
+        return self.read_json_body(request, required=(("prompt", str),),
+                                   aliases=self._aliases(route)) \
             .addCallback(lambda parsed: route.upstream.images(request, route, *parsed))
 
     def _model_list(self, request):
@@ -276,11 +290,13 @@ class Proxy:
 
     # --- upstream plumbing ---
 
-    def _send(self, method: bytes, upstream: Upstream, path: str, data: bytes | None,
+    def _send(self, method: bytes, upstream: Upstream, path: str, data: Body | None,
               record, rid: str) -> Deferred:
         """The bridge request; connection failures become our 502/504 envelopes."""
         started = time.monotonic()
         url = upstream.url(path)
+        if isinstance(data, FileBody) and not getattr(self.client, "takes_files", False):
+            data = data.read()  # treq, a StubTreq: bytes
         d = self.client.request(method.decode(), url, data=data,
                                 headers=self._headers(upstream, record, rid),
                                 allow_redirects=False, unbuffered=True)
@@ -362,7 +378,7 @@ class Proxy:
         self.metrics.stream_closed()
         return result
 
-    def _forward(self, request, record, path: str, data: bytes, *, sse: bool) -> Deferred:
+    def _forward(self, request, record, path: str, data: Body, *, sse: bool) -> Deferred:
         upstream = upstream_for(record, self.config)
         rid = request_id(request)
         request.setHeader(b"X-Request-ID", rid.encode())
@@ -425,13 +441,13 @@ class BridgeUpstream:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
 
-    def chat(self, request, route, body: dict, raw: bytes | None) -> Deferred:
+    def chat(self, request, route, body: dict, raw: Body | None) -> Deferred:
         return self.proxy.forward_chat(request, route.record, body, raw)
 
-    def images(self, request, route, body: dict, raw: bytes | None) -> Deferred:
-        raw = json.dumps(body).encode() if raw is None else raw
-        return self.proxy._forward(request, route.record, "/v1/images/generations",
-                                   self.proxy._apply_alias(route.record, body, raw), sse=False)
+    def images(self, request, route, body: dict, raw: Body | None) -> Deferred:
+        raw = self.proxy._serialised(route.record, body) if raw is None else raw
+        return self.proxy._forward(request, route.record, "/v1/images/generations", raw,
+                                   sse=False)
 
     def models(self, request, route):
         return self.proxy.bridge_models(request, route.record)

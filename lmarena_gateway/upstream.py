@@ -20,11 +20,14 @@ class IUpstream(Interface):
 
     kind = Attribute("'bridge' or 'tab': for logs, metrics and tests")
 
-    def chat(request, route: "Route", body: dict, raw: bytes) -> Deferred:
-        """Answer a chat completion (stream or not); fires when the response is written."""
+    def chat(request, route: "Route", body: dict, raw: Any) -> Deferred:
+        """Answer a chat completion (stream or not); fires when the response is written.
+
+        ``raw`` is the client's body as the bridge gets it (bytes, or a bodies.FileBody
+        still in its file), or None for a body built by the gateway."""
         raise NotImplementedError
 
-    def images(request, route: "Route", body: dict, raw: bytes) -> Deferred:
+    def images(request, route: "Route", body: dict, raw: Any) -> Deferred:
         """Answer an image generation."""
         raise NotImplementedError
 

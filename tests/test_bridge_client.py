@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
+
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface.verify import verifyObject
 
-from lmarena_gateway.bridge_client import BridgeClient, BytesProducer
+from lmarena_gateway.bodies import CHUNK, FileBody
+from lmarena_gateway.bridge_client import BridgeClient, BytesProducer, FileProducer
 
 
 class RecordingAgent:
@@ -164,3 +168,60 @@ def test_kept_endpoints_are_bounded():
     for port in range(1, 11):
         endpoints.endpointForURI(uri(b"http://127.0.0.1:%d/" % port))
     assert len(endpoints._known) <= 3
+
+
+class Pausing(StringTransport):
+    """A consumer whose buffer is full after every write, until the test drains it."""
+
+    def __init__(self, producer) -> None:
+        super().__init__()
+        self.producer = producer
+        self.writes: list[int] = []
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.writes.append(len(data))
+        self.producer.pauseProducing()
+
+
+def test_a_large_body_is_forwarded_from_its_file_a_piece_a_turn():
+    raw = bytes(range(256)) * (3 * CHUNK // 256) + b"tail"
+    clock = Clock()
+    producer = FileProducer(FileBody.of(io.BytesIO(raw)), clock)
+    verifyObject(IBodyProducer, producer)
+    assert producer.length == len(raw)
+    consumer = Pausing(producer)
+    done = producer.startProducing(consumer)
+    assert consumer.writes == []  # nothing in the caller's turn
+    turns = 0
+    while not done.called:
+        clock.advance(0)
+        assert len(clock.getDelayedCalls()) == 0  # paused: it waits for the consumer
+        producer.resumeProducing()
+        turns += 1
+        assert turns < 10
+    assert max(consumer.writes) <= CHUNK and consumer.value() == raw
+    assert len(consumer.writes) == 4
+
+
+def test_a_stopped_file_body_writes_no_more_and_never_fires():
+    clock = Clock()
+    producer = FileProducer(FileBody.of(io.BytesIO(b"x" * (2 * CHUNK))), clock)
+    consumer = Pausing(producer)
+    done = producer.startProducing(consumer)
+    clock.advance(0)
+    producer.stopProducing()
+    producer.resumeProducing()
+    clock.advance(0)
+    assert len(consumer.value()) == CHUNK and not done.called
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_file_body_goes_to_the_agent_as_a_file_producer():
+    agent = RecordingAgent()
+    body = FileBody.of(io.BytesIO(b"{}"))
+    BridgeClient(agent, fallback=RecordingTreq(), clock=Clock()).request(
+        "POST", "http://127.0.0.1:5102/v1/chat/completions", data=body, headers=None,
+        allow_redirects=False, unbuffered=True)
+    [(_, _, _, producer)] = agent.calls
+    assert isinstance(producer, FileProducer) and producer.body is body

@@ -54,26 +54,3 @@ def test_the_pin_above_can_fail(monkeypatch):
     post(Site(Seen()), b"application/json", b"{}")
     assert parsed == [b"application/json"]
 
-
-def test_the_request_line_is_known_while_the_headers_arrive(monkeypatch):
-    """Each route's body cap (connections.GatewayChannel._body_cap) reads twisted.web's
-    private ``HTTPChannel._path`` while the headers arrive, before any of the body. If an
-    upgrade renames it, the 64 KiB routes silently go back to reading up to --max-body:
-    this says so instead."""
-    from lmarena_gateway.connections import GatewayChannel
-
-    seen = []
-    real = GatewayChannel.headerReceived
-
-    def watching(self, line):
-        seen.append(getattr(self, "_path", "twisted.web no longer has HTTPChannel._path"))
-        return real(self, line)
-
-    monkeypatch.setattr(GatewayChannel, "headerReceived", watching)
-    protocol = GatewaySite(Seen()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-    protocol.dataReceived(b"POST /session/register?a=1 HTTP/1.1\r\nHost: h\r\n"
-                          b"Content-Length: 100000\r\n\r\n")
-    assert seen and set(seen) == {b"/session/register?a=1"}
-    assert transport.value().startswith(b"HTTP/1.1 413 ")

@@ -7,9 +7,10 @@ import socket
 
 import pytest
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import CannotListenError
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web import http
 from twisted.web._newclient import _WrapperException
 from twisted.web.client import HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
@@ -18,6 +19,7 @@ from twisted.web.server import Site
 
 from lmarena_gateway.bridge import make_http_client
 from lmarena_gateway.config import GatewayConfig
+from lmarena_gateway.connections import GatewayChannel
 from lmarena_gateway.site import GatewaySite
 
 
@@ -62,3 +64,25 @@ def test_raise_synchronously_makes_a_busy_port_fail_privileged_start():
             service.privilegedStartService()
     finally:
         busy.close()
+
+
+def test_the_request_line_is_known_while_the_headers_arrive(monkeypatch):
+    """Each route's body cap (connections.GatewayChannel._body_cap) reads twisted.web's
+    private ``HTTPChannel._path`` while the headers arrive, before any of the body. If an
+    upgrade renames it, the 64 KiB routes silently go back to reading up to --max-body:
+    this says so instead."""
+    seen = []
+    real = GatewayChannel.headerReceived
+
+    def watching(self, line):
+        seen.append(getattr(self, "_path", "twisted.web no longer has HTTPChannel._path"))
+        return real(self, line)
+
+    monkeypatch.setattr(GatewayChannel, "headerReceived", watching)
+    protocol = GatewaySite(Resource()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"POST /session/register?a=1 HTTP/1.1\r\nHost: h\r\n"
+                          b"Content-Length: 100000\r\n\r\n")
+    assert seen and set(seen) == {b"/session/register?a=1"}
+    assert transport.value().startswith(b"HTTP/1.1 413 ")

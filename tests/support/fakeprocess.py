@@ -17,12 +17,22 @@ class FakeProcess:
         self.signals: list[str] = []
         self.stdin_closed = False
         self.ended = False
+        self.producer = None
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
 
     def writeSequence(self, data) -> None:
         self.written.extend(data)
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        """A pull producer is drained at once: this pipe never fills."""
+        self.producer = producer
+        while self.producer is not None:
+            producer.resumeProducing()
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
 
     def closeStdin(self) -> None:
         self.stdin_closed = True
