@@ -145,9 +145,11 @@ def adopt_stream_port(reactor, fd: int, family: int, factory):
         return reactor.adoptStreamPort(fd, family, factory)
     from twisted.internet import unix
 
+    probe = socket.socket(fileno=os.dup(fd))  # the path, from the socket: no private name
+    path = probe.getsockname()
+    probe.close()
     port = unix.Port._fromListeningDescriptor(reactor, fd, factory)
-    path = port._bindPath
-    if path and not path.startswith(b"\0"):  # a name in the filesystem, not abstract
+    if isinstance(path, str) and path:  # a name in the filesystem (abstract ones are bytes)
         port.mode = stat.S_IMODE(os.stat(path).st_mode)
     port.backlog = socket.SOMAXCONN
     port.startListening()
